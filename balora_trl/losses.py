@@ -1,0 +1,176 @@
+"""BA-LoRA's loss terms as pure functions (paper section 3.2). No trainer state lives here.
+
+NLG (causal LM), per response position t with logits z_t over the vocabulary:
+
+* eq. 10, consistency:  KL(p_ref,t ‖ p_θ,t) = Σ_v p_ref,t(v) · (log p_ref,t(v) − log p_θ,t(v))
+* eq. 11, diversity:    −H(p_θ,t) = Σ_v p_θ,t(v) · log p_θ,t(v)
+* eq. 12, SVD:          −Σ_{i≤k} σ_i / Σ_j σ_j, σ the singular values of the matrix Z whose rows are z_t
+
+The per-token functions return one value per row, so the trainer can normalise sums the way TRL normalises
+the SFT loss (by ``num_items_in_batch``). Everything is computed in float32 (or the input's wider dtype)
+whatever the autocast dtype: softmax differences of 1e-4-weighted terms vanish in bfloat16.
+
+NLU (sequence classification), F the [batch, D] output matrix:
+
+* eq. 5, consistency:   mean over the batch of ‖F_p/‖F_p‖ − F_f/‖F_f‖‖²
+* eqs. 6-7, diversity:  (1/D) Σ_{i≠j} C(F_f)_{ij}², C the unbiased covariance of F_f's columns
+* eq. 8, SVD:           the same top-k singular value ratio as eq. 12
+
+This module is the *plain* implementation: it materialises logits. The fused, tiled path in
+``balora_trl.fused`` is tested against it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to at least float32 (float64 stays float64)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NLG: per-token terms
+# --------------------------------------------------------------------------------------------------------------
+
+
+def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of ``labels`` [N] under ``logits`` [N, V]; one value per row."""
+    return F.cross_entropy(_wide(logits), labels, reduction="none")
+
+
+def token_kl(ref_logits: torch.Tensor, logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Eq. 10 per row: KL(softmax(ref_logits / T) ‖ softmax(logits / T)).
+
+    No T² factor (unlike distillation): at the default T = 1 this is exactly the paper's term.
+    """
+    log_p_ref = torch.log_softmax(_wide(ref_logits) / temperature, dim=-1)
+    log_p = torch.log_softmax(_wide(logits) / temperature, dim=-1)
+    return (log_p_ref.exp() * (log_p_ref - log_p)).sum(-1)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy H(softmax(logits)) per row (nats). Eq. 11's term is its negative."""
+    log_p = torch.log_softmax(_wide(logits), dim=-1)
+    return -(log_p.exp() * log_p).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# SVD term (NLG eq. 12 and NLU eq. 8)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def top_k_ratio(singular_values: torch.Tensor, k: int) -> torch.Tensor:
+    """Σ_{i≤k} σ_i / Σ_j σ_j for singular values sorted in descending order; 0 for an all-zero matrix."""
+    total = singular_values.sum()
+    if total <= 0:
+        return singular_values.new_zeros(())
+    return singular_values[:k].sum() / total
+
+
+def svd_ratio(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """Eq. 12 / eq. 8 without the sign: the share of the top-k singular values of ``matrix`` (exact SVD).
+
+    Differentiable. Raises ``torch.linalg.LinAlgError`` if the SVD does not converge; the trainer catches
+    that and retries with :func:`svd_ratio_gram`.
+    """
+    return top_k_ratio(torch.linalg.svdvals(_wide(matrix)), k)
+
+
+def svd_ratio_gram(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """Same value as :func:`svd_ratio` through the eigenvalues of the float64 Gram matrix (σ² = eig(MᵀM)).
+
+    A second algorithm for the rare batches where the SVD fails to converge. The Gram matrix is taken on the
+    smaller side. Eigenvalues are clamped at 0 before the square root (round-off makes tiny ones negative), and
+    the gradient of √λ at λ≈0 is cut by a small floor so it stays finite.
+    """
+    m = matrix.double()
+    gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+    eigenvalues = torch.linalg.eigvalsh(gram).flip(0)
+    sigma = eigenvalues.clamp_min(1e-30).sqrt() * (eigenvalues > 0)
+    return top_k_ratio(sigma, k).to(matrix.dtype if matrix.is_floating_point() else torch.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NLG: the whole head, plain path
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class HeadTerms:
+    """Per-token terms at the N response positions, plus the logits the SVD term needs.
+
+    ``nll``, ``kl`` and ``entropy`` are [N] (``kl``/``entropy`` None when not asked for); ``logits`` is the
+    [N, V] policy logit matrix when the SVD term is asked for, else None.
+    """
+
+    nll: torch.Tensor
+    kl: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+def project(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of a linear head in float32: hidden [N, d] · weightᵀ [d, V] (+ bias)."""
+    with torch.autocast(hidden.device.type, enabled=False):
+        return F.linear(_wide(hidden), _wide(weight), None if bias is None else _wide(bias))
+
+
+def head_terms(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    *,
+    ref_logits: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    entropy: bool = False,
+    keep_logits: bool = False,
+) -> HeadTerms:
+    """The plain head: materialise the [N, V] logits of the response positions and evaluate every term.
+
+    ``hidden`` [N, d] are the final hidden states at the positions whose next token is a trained response token,
+    ``labels`` [N] those next tokens, ``ref_logits`` [N, V] the reference model's logits at the same positions
+    (None: no KL term).
+    """
+    logits = project(hidden, weight, bias)
+    return HeadTerms(
+        nll=token_nll(logits, labels),
+        kl=None if ref_logits is None else token_kl(ref_logits, logits, temperature),
+        entropy=token_entropy(logits) if entropy else None,
+        logits=logits if keep_logits else None,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------
+# NLU terms
+# --------------------------------------------------------------------------------------------------------------
+
+
+def nlu_consistency(pretrained: torch.Tensor, finetuned: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: mean over the batch of ‖F_p/‖F_p‖ − F_f/‖F_f‖‖² (rows L2-normalised, squared error summed over D).
+
+    ``pretrained`` carries no gradient (it comes from the frozen reference).
+    """
+    p = F.normalize(_wide(pretrained).detach(), dim=-1)
+    f = F.normalize(_wide(finetuned), dim=-1)
+    return (p - f).pow(2).sum(-1).mean()
+
+
+def nlu_diversity(features: torch.Tensor) -> torch.Tensor:
+    """Eqs. 6-7: (1/D) Σ_{i≠j} C_ij², C = (1/(M−1)) Σ_m (f_m − f̄)(f_m − f̄)ᵀ over the batch of M rows.
+
+    0 for a batch of one row (no covariance can be estimated) and for D = 1 (no off-diagonal entries).
+    """
+    f = _wide(features)
+    m, d = f.shape
+    if m < 2 or d < 2:
+        return f.sum() * 0.0
+    centred = f - f.mean(0, keepdim=True)
+    cov = centred.T @ centred / (m - 1)
+    off_diagonal = cov - torch.diag_embed(torch.diagonal(cov))
+    return off_diagonal.pow(2).sum() / d
