@@ -1,0 +1,172 @@
+"""Where the pretrained distribution p_pretrained (the "reference") comes from, without a second base model.
+
+"Pretrained" means the model *before fine-tuning*. With PEFT that is the base model plus the adapter as it was
+at the start:
+
+* ``AdapterDisabled`` — the adapter starts at zero (plain LoRA: B = 0), so base + adapter = base, and
+  ``peft_model.disable_adapter()`` is the reference. Costs nothing.
+* ``InitialAdapter`` — the adapter starts non-zero (PiSSA and OLoRA rewrite the base weights into a residual
+  W_res = W − B₀A₀; a resumed or user-supplied adapter is also non-zero). "Adapter disabled" would then be the
+  residual model, *not* the pretrained one. The reference is base + a frozen copy of the initial adapter, kept
+  as a second PEFT adapter (r·(in + out) numbers per layer; the base weights stay in memory once).
+* ``SeparateModel`` — an explicit ``ref_model`` (module or path), or, for full fine-tuning without PEFT, a
+  frozen copy made at start (the only case that holds the weights twice: there is no base to share).
+
+Every reference runs in eval mode (no dropout) and under ``torch.no_grad``; it never receives gradients.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+REFERENCE_ADAPTER = "balora_reference"
+
+
+def _is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a core dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+@contextmanager
+def _eval_mode(module: nn.Module):
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def adapter_is_zero(peft_model) -> bool:
+    """True when the active adapter cannot change the model's output yet: every LoRA B (or embedding B) is 0.
+
+    Only LoRA-family layers are inspected; any other tuner type counts as non-zero (safe: the frozen-copy reference
+    is correct for every initialisation, the toggle only for a zero one).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    name = peft_model.active_adapter
+    if peft_model.peft_config[name].peft_type.value != "LORA":
+        return False
+    found = False
+    for module in peft_model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for store in (module.lora_B, getattr(module, "lora_embedding_B", {})):
+            if name in store:
+                found = True
+                weight = store[name].weight if isinstance(store[name], nn.Module) else store[name]
+                if torch.count_nonzero(weight.detach()) > 0:
+                    return False
+    return found
+
+
+class Reference:
+    """Base class: ``activate()`` is a context in which ``model(...)`` is the reference; ``model`` is what to call."""
+
+    kind: str = ""
+    holds_second_model = False
+
+    def model(self, policy: nn.Module) -> nn.Module:
+        return policy
+
+    @contextmanager
+    def activate(self, policy_unwrapped: nn.Module):
+        with torch.no_grad(), _eval_mode(policy_unwrapped):
+            yield
+
+    def describe(self) -> str:
+        return self.kind
+
+
+class AdapterDisabled(Reference):
+    kind = "adapter_disabled"
+
+    @contextmanager
+    def activate(self, policy_unwrapped):
+        with torch.no_grad(), _eval_mode(policy_unwrapped), policy_unwrapped.disable_adapter():
+            yield
+
+
+class InitialAdapter(Reference):
+    """A frozen copy of the adapter as it was at construction, activated in place of the trained one."""
+
+    kind = "initial_adapter"
+
+    def __init__(self, peft_model):
+        from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+        self.trained_adapter = peft_model.active_adapter
+        config = copy.deepcopy(peft_model.peft_config[self.trained_adapter])
+        # The copy must not re-run a weight-rewriting initialisation (PiSSA would factor the residual again).
+        config.init_lora_weights = False
+        config.lora_dropout = 0.0
+        config.inference_mode = True
+        if REFERENCE_ADAPTER in peft_model.peft_config:
+            peft_model.delete_adapter(REFERENCE_ADAPTER)
+        peft_model.add_adapter(REFERENCE_ADAPTER, config)
+        state = get_peft_model_state_dict(peft_model, adapter_name=self.trained_adapter)
+        set_peft_model_state_dict(peft_model, state, adapter_name=REFERENCE_ADAPTER)
+        # add_adapter leaves the trained adapter active; make sure nothing of the copy is trainable.
+        for name, param in peft_model.named_parameters():
+            if f".{REFERENCE_ADAPTER}." in name or name.endswith(f".{REFERENCE_ADAPTER}"):
+                param.requires_grad_(False)
+        peft_model.set_adapter(self.trained_adapter)
+
+    @contextmanager
+    def activate(self, policy_unwrapped):
+        with torch.no_grad(), _eval_mode(policy_unwrapped):
+            policy_unwrapped.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
+            try:
+                yield
+            finally:
+                # Re-activating the trained adapter restores requires_grad on it (and only on it).
+                policy_unwrapped.set_adapter(self.trained_adapter)
+
+
+class SeparateModel(Reference):
+    kind = "ref_model"
+    holds_second_model = True
+
+    def __init__(self, ref_model: nn.Module, kind: str = "ref_model"):
+        self.kind = kind
+        self.ref_model = ref_model.eval()
+        for param in self.ref_model.parameters():
+            param.requires_grad_(False)
+
+    def model(self, policy):
+        return self.ref_model
+
+    @contextmanager
+    def activate(self, policy_unwrapped):
+        with torch.no_grad():
+            yield
+
+
+def build_reference(model: nn.Module, ref_model: nn.Module | str | None = None, model_init_kwargs=None) -> Reference:
+    """Choose how the reference distribution is obtained for ``model`` (called before training starts)."""
+    if ref_model is not None:
+        if isinstance(ref_model, str):
+            from transformers import AutoModelForCausalLM
+
+            kwargs = dict(model_init_kwargs or {})
+            kwargs.setdefault("dtype", next(model.parameters()).dtype)
+            ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **kwargs)
+        return SeparateModel(ref_model)
+    if _is_peft(model):
+        config = model.peft_config[model.active_adapter]
+        if config.is_prompt_learning:
+            raise ValueError(
+                f"BA-LoRA needs an adapter that acts on the weights (LoRA, PiSSA, DoRA, ...); {config.peft_type.value} "
+                "is a prompt-learning method. Pass `ref_model=` explicitly to use it."
+            )
+        return AdapterDisabled() if adapter_is_zero(model) else InitialAdapter(model)
+    # Full fine-tuning: there is no frozen base to share, so keep a frozen copy of the starting weights.
+    return SeparateModel(copy.deepcopy(model), kind="frozen_copy")

@@ -1,0 +1,65 @@
+"""Shared fixtures: offline, tiny models built in-process, a locally trained tokenizer, real GSM8K rows."""
+
+import json
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_DISABLED", "true")
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def gsm8k_rows(split: str = "train", n: int = 64) -> list[dict]:
+    path = SHARED_DATA / "gsm8k" / f"{split}.jsonl"
+    with open(path) as f:
+        return [json.loads(line) for _, line in zip(range(n), f)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from balora_trl.local_models import train_tokenizer
+
+    rows = gsm8k_rows("train", 1000)
+    return train_tokenizer((r["question"] + "\n" + r["answer"] for r in rows), vocab_size=512)
+
+
+@pytest.fixture(scope="session")
+def gsm8k_prompt_completion():
+    """Real GSM8K rows as TRL prompt/completion, prompted with the default (Alpaca) template."""
+    from datasets import Dataset
+
+    from balora_trl.prompts import DEFAULT
+
+    rows = gsm8k_rows("train", 256)
+    return Dataset.from_list([{"prompt": DEFAULT.render(r["question"]), "completion": " " + r["answer"]} for r in rows])
+
+
+@pytest.fixture
+def make_model(tokenizer):
+    """Factory: a seeded tiny causal LM of a family ('llama', 'gpt2', 'qwen2', 'gemma', 'gemma2')."""
+    from balora_trl.local_models import build_causal_lm
+
+    def make(family: str = "llama", seed: int = 0, **kw):
+        kw.setdefault("hidden_size", 32)
+        return build_causal_lm(family, tokenizer, seed=seed, **kw)
+
+    return make
+
+
+def cpu_config(output_dir, **kw):
+    """A BALoraConfig fit for numeric tests on CPU: fp32, no checkpointing, no saving, no reporting."""
+    from balora_trl import BALoraConfig
+
+    base = dict(bf16=False, gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
+                logging_steps=1, per_device_train_batch_size=4, dataloader_num_workers=0, seed=0, max_length=256)
+    base.update(kw)
+    return BALoraConfig(str(output_dir), **base)
