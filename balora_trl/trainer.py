@@ -29,6 +29,7 @@ from trl import SFTTrainer
 
 from . import losses
 from .config import BALoraConfig
+from .export import BALoraSaveMixin
 from .reference import Reference, build_reference
 
 try:  # gathers a ZeRO-3-partitioned head for the duration of the head computation
@@ -107,7 +108,7 @@ def install_head_forward(model) -> None:
     model._balora_head_forward = True
 
 
-class BALoraSFTTrainer(SFTTrainer):
+class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
     """[`~trl.SFTTrainer`] with the BA-LoRA regularisers. Same constructor, plus:
 
     Args:
