@@ -1,0 +1,90 @@
+"""The pure BA-LoRA terms against independent computations (torch.distributions / numpy, float64)."""
+
+import numpy as np
+import pytest
+import torch
+from torch.distributions import Categorical, kl_divergence
+
+from balora_trl import BALoraConfig, BALoraNLUConfig, losses
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(23, 57, generator=g, dtype=torch.float64) * 3, torch.randn(23, 57, generator=g, dtype=torch.float64) * 3
+
+
+def test_token_kl_is_kl_of_reference_to_policy(logits):
+    ref, pol = logits
+    expected = kl_divergence(Categorical(logits=ref), Categorical(logits=pol))
+    torch.testing.assert_close(losses.token_kl(ref, pol), expected)
+    # Direction matters: KL(p_ref ‖ p_θ) ≠ KL(p_θ ‖ p_ref) on generic inputs.
+    assert not torch.allclose(losses.token_kl(ref, pol), losses.token_kl(pol, ref))
+    # Temperature scales both distributions.
+    expected_t = kl_divergence(Categorical(logits=ref / 2.0), Categorical(logits=pol / 2.0))
+    torch.testing.assert_close(losses.token_kl(ref, pol, temperature=2.0), expected_t)
+
+
+def test_token_entropy_and_nll(logits):
+    _, pol = logits
+    torch.testing.assert_close(losses.token_entropy(pol), Categorical(logits=pol).entropy())
+    labels = torch.arange(23) % 57
+    torch.testing.assert_close(losses.token_nll(pol, labels), -Categorical(logits=pol).log_prob(labels))
+
+
+def test_bf16_inputs_are_computed_in_float32(logits):
+    ref, pol = (x.to(torch.bfloat16) for x in logits)
+    out = losses.token_kl(ref, pol)
+    assert out.dtype == torch.float32
+    expected = kl_divergence(Categorical(logits=ref.double()), Categorical(logits=pol.double()))
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10])
+def test_svd_ratio_matches_numpy(logits, k):
+    _, pol = logits
+    sigma = np.linalg.svd(pol.numpy(), compute_uv=False)
+    expected = sigma[:k].sum() / sigma.sum()
+    assert losses.svd_ratio(pol, k).item() == pytest.approx(expected, rel=1e-10)
+    assert losses.svd_ratio_gram(pol, k).item() == pytest.approx(expected, rel=1e-8)
+
+
+def test_svd_ratio_gradient_matches_finite_differences(logits):
+    _, pol = logits
+    x = pol[:6, :9].clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda m: losses.svd_ratio(m, 2), (x,))
+
+
+def test_svd_ratio_of_zero_matrix_is_zero_not_nan():
+    assert losses.svd_ratio(torch.zeros(4, 5), 2).item() == 0.0
+
+
+def test_nlu_consistency_and_diversity_match_explicit_formulas():
+    g = torch.Generator().manual_seed(1)
+    fp, ff = torch.randn(9, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    a, b = fp.numpy(), ff.numpy()
+    expected = np.mean([np.sum((a[i] / np.linalg.norm(a[i]) - b[i] / np.linalg.norm(b[i])) ** 2) for i in range(9)])
+    assert losses.nlu_consistency(fp, ff).item() == pytest.approx(expected, rel=1e-12)
+    cov = np.cov(b, rowvar=False)  # unbiased, 1/(M-1)
+    off = sum(cov[i, j] ** 2 for i in range(5) for j in range(5) if i != j) / 5
+    assert losses.nlu_diversity(ff).item() == pytest.approx(off, rel=1e-12)
+    assert losses.nlu_diversity(ff[:1]).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("lambda_consistency", -1e-4), ("lambda_diversity", float("nan")), ("lambda_svd", -1.0), ("svd_top_k", 0),
+     ("kl_temperature", 0.0), ("kl_temperature", -2.0), ("head_path", "fast")],
+)
+def test_invalid_config_values_raise(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field):
+        BALoraConfig(str(tmp_path), **{field: value})
+
+
+def test_config_defaults_are_the_papers(tmp_path):
+    c = BALoraConfig(str(tmp_path), use_cpu=True)
+    assert (c.lambda_consistency, c.lambda_diversity, c.lambda_svd, c.kl_temperature) == (1e-4, 3e-4, 1e-4, 1.0)
+    n = BALoraNLUConfig(str(tmp_path), use_cpu=True)
+    assert (n.lambda_consistency, n.lambda_diversity, n.lambda_svd) == (1e-4, 4e-4, 1e-4)
+    with pytest.raises(ValueError, match="regulariser_features"):
+        BALoraNLUConfig(str(tmp_path), regulariser_features="pooled", use_cpu=True)
