@@ -122,13 +122,27 @@ class InitialAdapter(Reference):
 
     @contextmanager
     def activate(self, policy_unwrapped):
-        with torch.no_grad(), _eval_mode(policy_unwrapped):
-            policy_unwrapped.set_adapter(REFERENCE_ADAPTER, inference_mode=True)
-            try:
+        """Route every adapter layer to the frozen copy for the duration of the block.
+
+        PEFT's ``set_adapter`` would also flip ``requires_grad`` on both adapters, which FSDP's flat parameters and
+        DeepSpeed ZeRO-3 do not allow between steps; switching the layers' active-adapter attribute leaves the
+        trainable parameters exactly as the optimizer and the distributed wrapper registered them.
+        """
+        switched = []
+        for module in policy_unwrapped.modules():
+            active = getattr(module, "_active_adapter", None)
+            if active is None or module is policy_unwrapped:
+                continue
+            names = [active] if isinstance(active, str) else list(active)
+            if self.trained_adapter in names:
+                switched.append((module, active))
+                module._active_adapter = REFERENCE_ADAPTER if isinstance(active, str) else [REFERENCE_ADAPTER]
+        try:
+            with torch.no_grad(), _eval_mode(policy_unwrapped):
                 yield
-            finally:
-                # Re-activating the trained adapter restores requires_grad on it (and only on it).
-                policy_unwrapped.set_adapter(self.trained_adapter)
+        finally:
+            for module, active in switched:
+                module._active_adapter = active
 
 
 class SeparateModel(Reference):

@@ -263,3 +263,55 @@ def test_pissa_balora_training_lowers_the_sft_loss(make_model, tokenizer, gsm8k_
     # 300 steps, against a noise of ~0.01 on a 20-step mean.
     assert last < first - 0.15, (first, last)
     assert logs[-1]["ba_lora/kl"] > 0
+
+
+def test_zero_lambda_terms_cost_nothing(make_model, tokenizer, gsm8k_prompt_completion, tmp_path, monkeypatch):
+    from balora_trl import losses
+
+    trainer = make_trainer(make_model(), tokenizer, gsm8k_prompt_completion, tmp_path, head_path="plain",
+                           lambda_consistency=0.0, lambda_diversity=0.0, lambda_svd=0.0)
+    calls = {"forward": 0, "svd": 0, "entropy": 0}
+    policy_forward = trainer.model.get_base_model().forward
+
+    def counting_forward(*args, **kwargs):
+        calls["forward"] += 1
+        return policy_forward(*args, **kwargs)
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(trainer.model.get_base_model(), "forward", counting_forward)
+    monkeypatch.setattr(losses.torch.linalg, "svdvals", counting("svd", torch.linalg.svdvals))
+    monkeypatch.setattr(losses, "token_entropy", counting("entropy", losses.token_entropy))
+    trainer.compute_loss(trainer.model, dict(first_batch(trainer)))
+    assert calls == {"forward": 1, "svd": 0, "entropy": 0}  # the policy pass only
+    trainer.args.lambda_consistency, trainer.args.lambda_svd, trainer.args.lambda_diversity = 1e-4, 1e-4, 1e-4
+    trainer.compute_loss(trainer.model, dict(first_batch(trainer)))
+    assert calls == {"forward": 3, "svd": 1, "entropy": 1}  # + reference pass, SVD, entropy
+
+
+def test_reference_pass_leaves_trainable_flags_alone(make_model, tokenizer, gsm8k_prompt_completion, tmp_path):
+    trainer = make_trainer(make_model(), tokenizer, gsm8k_prompt_completion, tmp_path)
+    flags = {n: p.requires_grad for n, p in trainer.model.named_parameters()}
+    with trainer.reference.activate(trainer.model):
+        assert {n: p.requires_grad for n, p in trainer.model.named_parameters()} == flags
+        assert not trainer.model.training
+    assert trainer.model.training
+    assert sum(flags.values()) > 0 and not any(v for n, v in flags.items() if "balora_reference" in n)
+
+
+def test_default_trl_config_bf16_and_checkpointing(make_model, tokenizer, gsm8k_prompt_completion, tmp_path):
+    """SFTConfig's defaults (bf16 autocast, gradient checkpointing) train, with finite fp32 regularisers."""
+    from balora_trl import BALoraConfig
+
+    config = BALoraConfig(str(tmp_path), use_cpu=True, max_steps=2, per_device_train_batch_size=2, report_to="none",
+                          save_strategy="no", logging_steps=1, lambda_consistency=1.0, max_length=128)
+    assert config.bf16 and config.gradient_checkpointing
+    trainer = BALoraSFTTrainer(make_model(), config, train_dataset=gsm8k_prompt_completion, processing_class=tokenizer,
+                               peft_config=LoraConfig(r=4, init_lora_weights="pissa"))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "ba_lora/kl" in h]
+    assert len(logs) == 2 and all(math.isfinite(h[k]) for h in logs for k in h)
