@@ -141,8 +141,8 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
             # PiSSA -> LoRA conversion at save time starts from, so it is kept even when λ1 = 0.
             self.reference = build_reference(self.model, ref_model, self.args.model_init_kwargs)
             if self.reference.holds_second_model:
-                self.reference.ref_model.to(self.accelerator.device)
-                install_head_forward(self.reference.ref_model)
+                install_head_forward(self.reference.ref_model)  # on the inner module, before any wrapping
+                self.reference.ref_model = self._prepare_reference_model(self.reference.ref_model)
         install_head_forward(self._causal_lm())
         self._path = self._choose_head_path()
         self._svd_warned = False
@@ -155,6 +155,18 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
         from peft import PeftModel
 
         return isinstance(self.model, PeftModel)
+
+    def _prepare_reference_model(self, ref_model):
+        """Place a separate reference like TRL's trainers do: sharded under ZeRO-3 / FSDP, else on the device."""
+        if self.is_deepspeed_enabled:
+            from trl.models import prepare_deepspeed
+
+            return prepare_deepspeed(ref_model, self.accelerator)
+        if self.is_fsdp_enabled:
+            from trl.models import prepare_fsdp
+
+            return prepare_fsdp(ref_model, self.accelerator)
+        return ref_model.to(self.accelerator.device)
 
     def _causal_lm(self):
         """The transformers model (inside the PEFT wrapper, if any) whose forward is patched."""
