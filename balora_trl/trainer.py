@@ -76,6 +76,12 @@ def head_logits(module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
+def _gathered_head(module):
+    """The LM head's parameters gathered for the block (ZeRO-3 partitions them outside their own forward)."""
+    head = module.get_output_embeddings()
+    return maybe_gather_lm_head_ctx(*[p for p in (head.weight, head.bias) if p is not None])
+
+
 def install_head_forward(model) -> None:
     """Let ``model(..., labels=..., balora_head=fn)`` return ``fn(model, hidden[n, d], labels[n])``.
 
@@ -203,9 +209,10 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
     # ----------------------------------------------------------------------------------------------------------
 
     def _reference_head(self, module, hidden, labels):
-        if self._shares_head():
+        if self._shares_head():  # the policy pass recomputes reference logits from [n, d] with the shared head
             return BALoraHeadOutput(hidden=hidden.detach())
-        return BALoraHeadOutput(ref_logits=head_logits(module, hidden).detach())
+        with _gathered_head(module):
+            return BALoraHeadOutput(ref_logits=head_logits(module, hidden).detach())
 
     def _svd_term(self, compute, *args) -> torch.Tensor:
         """r_k by ``compute``; on a non-converging SVD, one warning and the Gram-eigenvalue route, else 0."""
@@ -229,7 +236,7 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
         def head(module, hidden, labels):
             out = BALoraHeadOutput(num_tokens=labels.new_tensor(labels.numel()))
             lm_head = module.get_output_embeddings()
-            with maybe_gather_lm_head_ctx(lm_head.weight, *( [lm_head.bias] if lm_head.bias is not None else [])):
+            with _gathered_head(module):
                 if self._path == "fused":
                     from .fused import fused_head_terms, svd_ratio_frozen_head
 
