@@ -219,6 +219,8 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
         try:
             return compute(*args, self.args.svd_top_k)
         except (torch.linalg.LinAlgError, RuntimeError) as error:
+            if not torch.isfinite(args[0]).all():  # not a convergence problem: let the finiteness check name it
+                return args[0].new_full((), float("nan"), dtype=torch.float32)
             if not self._svd_warned:
                 warnings.warn(f"BA-LoRA: the SVD did not converge at step {self.state.global_step} ({error}); "
                               "using the eigenvalues of the Gram matrix instead (warned once).", stacklevel=2)
