@@ -60,13 +60,19 @@ def _logit_transform(config) -> tuple[float, float | None]:
     return (1.0 if scale is None else float(scale)), getattr(text_config, "final_logit_softcapping", None)
 
 
-def head_logits(module, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's own next-token logits for ``hidden`` [n, d], in float32 (plain path)."""
+def head_parameters(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's (weight, bias) as plain tensors (FSDP2 shards them as DTensors)."""
     head = module.get_output_embeddings()
     weight, bias = head.weight, head.bias
-    if hasattr(weight, "full_tensor"):  # FSDP2 DTensor
+    if hasattr(weight, "full_tensor"):
         weight = weight.full_tensor()
         bias = None if bias is None else bias.full_tensor()
+    return weight, bias
+
+
+def head_logits(module, hidden: torch.Tensor) -> torch.Tensor:
+    """The model's own next-token logits for ``hidden`` [n, d], in float32 (plain path)."""
+    weight, bias = head_parameters(module)
     logits = losses.project(hidden, weight, bias)
     scale, softcap = _logit_transform(module.config)
     if scale != 1.0:
@@ -237,15 +243,17 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
 
         def head(module, hidden, labels):
             out = BALoraHeadOutput(num_tokens=labels.new_tensor(labels.numel()))
-            lm_head = module.get_output_embeddings()
             with _gathered_head(module):
                 if self._path == "fused":
                     from .fused import fused_head_terms, svd_ratio_frozen_head
 
-                    weight, bias = lm_head.weight, lm_head.bias
+                    weight, bias = head_parameters(module)
+                    # compute_loss weighs the three sums by (1, λ1, −λ2) (times a common 1/D): announcing it lets
+                    # the fused backward keep one gradient vector per token instead of three.
                     nll, kl, entropy = fused_head_terms(
                         hidden, weight, bias, labels, ref_hidden=None if ref is None else ref.hidden,
                         temperature=cfg.kl_temperature, entropy=want_entropy,
+                        grad_weights=(1.0, cfg.lambda_consistency, -cfg.lambda_diversity),
                     )
                     if want_svd and labels.numel() > 0:
                         out.svd_ratio = self._svd_term(svd_ratio_frozen_head, hidden, weight, bias)

@@ -315,3 +315,32 @@ def test_default_trl_config_bf16_and_checkpointing(make_model, tokenizer, gsm8k_
     trainer.train()
     logs = [h for h in trainer.state.log_history if "ba_lora/kl" in h]
     assert len(logs) == 2 and all(math.isfinite(h[k]) for h in logs for k in h)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_and_plain_head_paths_agree(family, make_model, tokenizer, gsm8k_prompt_completion, tmp_path):
+    from balora_trl import fused
+
+    lambdas = dict(lambda_consistency=0.5, lambda_diversity=0.3, lambda_svd=0.2, svd_top_k=2)
+    results = {}
+    for path in ("plain", "fused"):
+        trainer = make_trainer(make_model(family), tokenizer, gsm8k_prompt_completion, tmp_path / path,
+                               head_path=path, **lambdas)
+        assert trainer._path == path
+        torch.manual_seed(1)
+        with torch.no_grad():  # move the adapter off its initial value so the KL term has a gradient
+            for name, p in trainer.model.named_parameters():
+                if "lora_B.default" in name:
+                    p.add_(0.05 * torch.randn_like(p))
+        batch = first_batch(trainer)
+        fallbacks = fused._FusedHeadTerms.fallbacks
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=count_items(batch) * 2)
+        loss.backward()
+        if path == "fused":  # the trainer announces its weights (1, λ1, −λ2): the one-vector backward was exact
+            assert fused._FusedHeadTerms.fallbacks == fallbacks
+        grads = {k: p.grad.clone() for k, p in trainer.model.named_parameters() if p.requires_grad}
+        results[path] = (loss.detach(), grads)
+    torch.testing.assert_close(results["fused"][0], results["plain"][0], rtol=1e-5, atol=1e-6)
+    assert results["fused"][1].keys() == results["plain"][1].keys()
+    for k in results["plain"][1]:
+        torch.testing.assert_close(results["fused"][1][k], results["plain"][1][k], rtol=1e-4, atol=1e-6)
