@@ -1,0 +1,171 @@
+"""Resuming from a checkpoint continues exactly, and a checkpoint only appears under its name once complete."""
+
+import os
+
+import pytest
+import safetensors.torch
+import torch
+from conftest import cpu_config, gsm8k_rows
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model_state_dict
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+from balora_trl import BALoraSFTTrainer
+from balora_trl.reference import REFERENCE_ADAPTER
+
+# Every BA-LoRA term on, weighted enough to move the adapter; the KL needs the restored reference to match.
+BALORA = dict(lambda_consistency=1.0, lambda_diversity=0.1, lambda_svd=0.1, learning_rate=5e-2, max_length=96,
+              disable_tqdm=True)
+
+
+@pytest.fixture(scope="module")
+def short_rows():
+    """48 real GSM8K rows cut short (one epoch = 12 steps of 4), so steps are fast and no epoch boundary is crossed."""
+    rows = gsm8k_rows("train", 48)
+    return Dataset.from_list([{"prompt": "Question: " + r["question"][:120] + "\nAnswer:",
+                               "completion": " " + r["answer"][:120]} for r in rows])
+
+
+class StopAt(TrainerCallback):
+    """Interrupt the run after step ``step`` (its checkpoint is saved first)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+
+
+def make_trainer(make_model, tokenizer, dataset, out, init="pissa", callbacks=None, **cfg):
+    config = cpu_config(out, **{**BALORA, "max_steps": 6, "save_strategy": "steps", "save_steps": 3, **cfg})
+    return BALoraSFTTrainer(make_model("llama"), config, train_dataset=dataset, processing_class=tokenizer,
+                            peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=init),
+                            callbacks=callbacks)
+
+
+def step_losses(trainer):
+    return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+
+
+def adapter(trainer, name="default"):
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(trainer.model, adapter_name=name).items()}
+
+
+def residual_weights(trainer):
+    return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "base_layer" in k}
+
+
+def assert_same_tensors(a, b, atol):
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=atol, msg=key)
+
+
+def test_resume_is_exact_for_pissa_with_every_term(make_model, tokenizer, short_rows, tmp_path):
+    full = make_trainer(make_model, tokenizer, short_rows, tmp_path / "full")
+    full.train()
+
+    stopped = make_trainer(make_model, tokenizer, short_rows, tmp_path / "run", callbacks=[StopAt(3)])
+    stopped.train()
+    assert stopped.state.global_step == 3
+    run_dir = tmp_path / "run"
+    assert sorted(p.name for p in run_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+    checkpoint = run_dir / "checkpoint-3"
+    # Resumable form: the trained (residual-parameterised) adapter at the root, the reference beside it.
+    assert (checkpoint / REFERENCE_ADAPTER / "adapter_model.safetensors").is_file()
+    assert (checkpoint / "rng_state.pth").is_file() and (checkpoint / "trainer_state.json").is_file()
+    saved_reference = safetensors.torch.load_file(checkpoint / REFERENCE_ADAPTER / "adapter_model.safetensors")
+    assert_same_tensors(saved_reference, adapter(full, REFERENCE_ADAPTER), atol=0)
+
+    resumed = make_trainer(make_model, tokenizer, short_rows, run_dir)
+    assert resumed.reference.kind == "initial_adapter"
+    resumed.train(resume_from_checkpoint=True)  # finds checkpoint-3 through get_last_checkpoint
+
+    expected, got = step_losses(full), step_losses(resumed)
+    assert sorted(expected) == list(range(1, 7)) and sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), f"step {step}"
+    assert len({round(v, 4) for v in expected.values()}) > 1  # the loss moved: the comparison is not vacuous
+
+    assert_same_tensors(adapter(resumed), adapter(full), atol=1e-6)
+    assert_same_tensors(adapter(resumed, REFERENCE_ADAPTER), adapter(full, REFERENCE_ADAPTER), atol=0)
+    assert_same_tensors(residual_weights(resumed), residual_weights(full), atol=0)
+    # The reference stays frozen after the Trainer's adapter loading.
+    assert not any(p.requires_grad for n, p in resumed.model.named_parameters() if REFERENCE_ADAPTER in n)
+    assert all(p.requires_grad for n, p in resumed.model.named_parameters() if ".default." in n)
+
+    # And the final (converted) outputs of both runs are the same adapter.
+    full.save_model(str(tmp_path / "full-final"))
+    resumed.save_model(str(tmp_path / "resumed-final"))
+    a = safetensors.torch.load_file(tmp_path / "full-final" / "adapter_model.safetensors")
+    b = safetensors.torch.load_file(tmp_path / "resumed-final" / "adapter_model.safetensors")
+    assert_same_tensors(a, b, atol=1e-6)
+    assert next(iter(a.values())).shape[0] in (8, 32)  # rank 2r (lora_A [2r, in] or lora_B [out, 2r])
+
+
+@pytest.mark.slow
+def test_resume_restores_the_reference_of_a_randomised_pissa_init(make_model, tokenizer, short_rows, tmp_path,
+                                                                  monkeypatch):
+    """pissa_niter_* draws a random SVD: a fresh run's initial adapter (and residual) differ from the checkpoint's.
+
+    The reference is restored from the checkpoint and the residual base moved to match it, so the resumed run
+    continues the interrupted one (up to float rounding of the residual correction).
+    """
+    init = "pissa_niter_2"
+    full = make_trainer(make_model, tokenizer, short_rows, tmp_path / "full", init=init)
+    full.train()
+    stopped = make_trainer(make_model, tokenizer, short_rows, tmp_path / "run", init=init, callbacks=[StopAt(3)])
+    stopped.train()
+
+    import peft.tuners.lora.layer as lora_layer
+
+    draw = lora_layer.svd_lowrank
+
+    def other_draw(*args, **kwargs):  # another random SVD, as on another machine; the global RNG is left alone
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(12345)
+            return draw(*args, **kwargs)
+
+    monkeypatch.setattr(lora_layer, "svd_lowrank", other_draw)
+    resumed = make_trainer(make_model, tokenizer, short_rows, tmp_path / "run", init=init)
+    monkeypatch.undo()
+    fresh_reference = adapter(resumed, REFERENCE_ADAPTER)
+    assert any(not torch.allclose(fresh_reference[k], v, atol=1e-4)
+               for k, v in adapter(full, REFERENCE_ADAPTER).items())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+
+    assert_same_tensors(adapter(resumed, REFERENCE_ADAPTER), adapter(full, REFERENCE_ADAPTER), atol=0)
+    assert_same_tensors(residual_weights(resumed), residual_weights(full), atol=1e-5)
+    expected, got = step_losses(full), step_losses(resumed)
+    for step in range(4, 7):
+        assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
+    assert_same_tensors(adapter(resumed), adapter(full), atol=1e-4)
+
+
+def test_a_checkpoint_killed_mid_save_is_never_picked_up(make_model, tokenizer, short_rows, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    trainer = make_trainer(make_model, tokenizer, short_rows, run_dir, max_steps=2, save_steps=1)
+    original = trainer._save_rng_state
+
+    def crash_at_step_2(output_dir):
+        if trainer.state.global_step == 2:
+            raise KeyboardInterrupt("killed while saving checkpoint-2")
+        original(output_dir)
+
+    monkeypatch.setattr(trainer, "_save_rng_state", crash_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    names = sorted(os.listdir(run_dir))
+    assert "checkpoint-1" in names and "checkpoint-2" not in names
+    assert get_last_checkpoint(str(run_dir)) == str(run_dir / "checkpoint-1")
+    # The half-written checkpoint sits under a name neither get_last_checkpoint nor rotation nor the Hub push uses.
+    assert any(name.startswith("_tmp-checkpoint-2") for name in names)
+
+    resumed = make_trainer(make_model, tokenizer, short_rows, run_dir, max_steps=2, save_steps=1)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 2
+    names = sorted(os.listdir(run_dir))
+    assert "checkpoint-2" in names and not any(name.startswith("_tmp-") for name in names)
+    assert (run_dir / "checkpoint-2" / REFERENCE_ADAPTER / "adapter_model.safetensors").is_file()
