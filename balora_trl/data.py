@@ -1,0 +1,391 @@
+"""Instruction datasets -> TRL prompt/completion, with the prompt template that was used.
+
+BA-LoRA trains on the response only (paper section 4.2). TRL does exactly that for *prompt/completion* data, so
+every supported format is turned into it:
+
+========================  =====================================  ==================================================
+format                    columns                                typical source
+========================  =====================================  ==================================================
+``prompt_completion``     ``prompt``, ``completion``             TRL's own format (strings or lists of messages)
+``messages``              ``messages``                           TRL conversational (``role`` / ``content``)
+``sharegpt``              ``conversations``                      ShareGPT, WizardLM-Evol-Instruct V2 (``from`` / ``value``)
+``metamath``              ``query``, ``response``                meta-math/MetaMathQA
+``codefeedback``          ``query``, ``answer``                  m-a-p/CodeFeedback-Filtered-Instruction
+``alpaca``                ``instruction``, ``input``, ``output``  tatsu-lab/alpaca and its many copies
+``pissa``                 ``instruction``, ``output``            fxmeng/pissa-dataset (the PiSSA / BA-LoRA release)
+``gsm8k``                 ``question``, ``answer``               openai/gsm8k
+========================  =====================================  ==================================================
+
+The format is detected from the columns (first match in the order above) or named explicitly. The prompt template
+(`balora_trl.prompts`) decides how an instruction becomes a prompt:
+
+* instruction formats default to the Alpaca template the authors use (``prompts.DEFAULT``); the response becomes
+  the completion, after one space so the completion starts on a token boundary;
+* conversations (``messages``, ``sharegpt``, conversational ``prompt_completion``) default to ``prompts.CHAT``:
+  conversational prompt/completion, the last assistant turn being the completion, rendered by the tokenizer's chat
+  template;
+* plain-string ``prompt_completion`` defaults to ``RAW`` (the prompt is used exactly as given).
+
+A text template applied to a conversation keeps its first exchange (first user turn -> the assistant reply that
+follows), which is how the paper's WizardLM -> MT-Bench (first turn) setup prompts; ``CHAT`` applied to an
+instruction format gives a one-turn conversation. Whatever was used is returned beside the dataset and is saved
+as ``prompt_template.json`` with the adapter, so evaluation prompts the model the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .prompts import ALPACA_WITH_INPUT, CHAT, DEFAULT, FILENAME, PLACEHOLDER, PromptTemplate
+
+# The prompt is used verbatim (TRL prompt/completion data that is already prompted).
+RAW = PromptTemplate("raw", PLACEHOLDER)
+NAMED_TEMPLATES = {"alpaca": DEFAULT, "chat": CHAT, "raw": RAW}
+
+# The MetaMathQA-format GSM8K sample shipped with the package (the main job's embedded default).
+SAMPLE_PATH = Path(__file__).resolve().parent / "data" / "metamath_gsm8k_sample.jsonl"
+
+# How chat roles are spelled in the wild -> TRL's roles.
+_ROLES = {
+    "user": "user", "human": "user", "prompter": "user",
+    "assistant": "assistant", "gpt": "assistant", "chatgpt": "assistant", "bard": "assistant", "bing": "assistant",
+    "model": "assistant", "bot": "assistant",
+    "system": "system",
+}
+
+_LOCAL_BUILDERS = {
+    ".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz": "json",
+    ".parquet": "parquet", ".csv": "csv", ".csv.gz": "csv", ".tsv": "csv",
+}
+
+
+class DatasetFormatError(ValueError):
+    """The dataset's columns or rows do not fit any supported format."""
+
+
+class DatasetLoadError(RuntimeError):
+    """A dataset name that is neither a local path nor loadable from the Hub."""
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    columns: tuple[str, ...]
+    kind: str  # "instruction" | "conversation" | "prompt_completion"
+    description: str
+    # instruction formats: row -> (instruction, extra input or None, response)
+    fields: Callable[[dict], tuple] | None = None
+    conversation_column: str | None = None
+
+
+def _cols(instruction: str, response: str, extra: str | None = None):
+    return lambda row: (row[instruction], row[extra] if extra else None, row[response])
+
+
+# Detection order: the first format whose columns are all present wins (alpaca before pissa: it is a superset).
+FORMATS: dict[str, Format] = {
+    f.name: f
+    for f in [
+        Format("prompt_completion", ("prompt", "completion"), "prompt_completion", "TRL prompt/completion"),
+        Format("messages", ("messages",), "conversation", "TRL conversational", conversation_column="messages"),
+        Format("sharegpt", ("conversations",), "conversation", "ShareGPT / WizardLM conversations",
+               conversation_column="conversations"),
+        Format("metamath", ("query", "response"), "instruction", "MetaMathQA", _cols("query", "response")),
+        Format("codefeedback", ("query", "answer"), "instruction", "CodeFeedback", _cols("query", "answer")),
+        Format("alpaca", ("instruction", "input", "output"), "instruction", "Alpaca",
+               _cols("instruction", "output", extra="input")),
+        Format("pissa", ("instruction", "output"), "instruction", "pissa-dataset", _cols("instruction", "output")),
+        Format("gsm8k", ("question", "answer"), "instruction", "GSM8K", _cols("question", "answer")),
+    ]
+}
+
+
+def supported_formats() -> str:
+    """One line per format: name, columns, source (used in error messages and --help)."""
+    return "\n".join(f"  {f.name:<18} columns {', '.join(f.columns):<30} ({f.description})" for f in FORMATS.values())
+
+
+def _format_error(message: str, columns: Sequence[str]) -> DatasetFormatError:
+    return DatasetFormatError(
+        f"{message}\nColumns found: {sorted(columns)}\nSupported formats (set `dataset_format` to force one):\n"
+        f"{supported_formats()}"
+    )
+
+
+def detect_format(column_names: Sequence[str]) -> str:
+    """The name of the first format in `FORMATS` whose columns are all in ``column_names``."""
+    present = set(column_names)
+    for fmt in FORMATS.values():
+        if set(fmt.columns) <= present:
+            return fmt.name
+    raise _format_error("Could not recognise the dataset format from its columns.", column_names)
+
+
+def resolve_format(format: str, column_names: Sequence[str]) -> Format:
+    """``format`` ('auto' or a name in `FORMATS`) checked against the dataset's columns."""
+    if format in (None, "", "auto"):
+        return FORMATS[detect_format(column_names)]
+    if format not in FORMATS:
+        raise _format_error(f"Unknown dataset format {format!r}.", column_names)
+    fmt = FORMATS[format]
+    missing = [c for c in fmt.columns if c not in column_names]
+    if missing:
+        raise _format_error(f"dataset_format={format!r} needs the column(s) {missing}, which the dataset lacks.",
+                            column_names)
+    return fmt
+
+
+def resolve_template(spec: str | PromptTemplate | None) -> PromptTemplate | None:
+    """A prompt template from its spec; None for 'auto' (the format's default).
+
+    ``spec`` is a `PromptTemplate`, 'auto', a name ('alpaca', 'chat', 'raw'), a folder or file holding a saved
+    ``prompt_template.json``, or a literal template containing ``{instruction}`` exactly once.
+    """
+    if spec is None or isinstance(spec, PromptTemplate):
+        return spec
+    if spec in ("", "auto"):
+        return None
+    if spec in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[spec]
+    if os.path.isdir(spec) or (os.path.isfile(spec) and os.path.basename(spec) == FILENAME):
+        directory = spec if os.path.isdir(spec) else os.path.dirname(spec) or "."
+        template = PromptTemplate.load(directory)
+        if template is None:
+            raise ValueError(f"prompt_template={spec!r}: that folder holds no {FILENAME}.")
+        return template
+    if PLACEHOLDER in spec:
+        return PromptTemplate("custom", spec)
+    raise ValueError(
+        f"prompt_template={spec!r} is not understood: use 'auto', one of {sorted(NAMED_TEMPLATES)}, a folder with a "
+        f"{FILENAME}, or a template string containing {PLACEHOLDER} exactly once."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# row converters
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _text(value, what: str, index: int, allow_empty: bool = False) -> str:
+    if value is None:
+        value = ""
+    if not isinstance(value, str):
+        raise DatasetFormatError(f"Row {index}: {what} must be text, got {type(value).__name__}.")
+    if not allow_empty and not value.strip():
+        raise DatasetFormatError(f"Row {index}: empty {what}. Remove or fix the row (rows are counted from 0).")
+    return value
+
+
+def _separated(completion: str) -> str:
+    """The completion after a text prompt starts with whitespace, so it begins on a token boundary."""
+    return completion if completion[:1].isspace() else " " + completion
+
+
+_FIELD = re.compile(r"\{(instruction|input)\}")
+
+
+def _render_with_input(instruction: str, extra: str) -> str:
+    # One pass, so a literal "{input}" inside the instruction is never substituted.
+    values = {"instruction": instruction, "input": extra}
+    return _FIELD.sub(lambda m: values[m.group(1)], ALPACA_WITH_INPUT)
+
+
+def _one_turn(user: str, assistant: str) -> dict:
+    return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": assistant}]}
+
+
+def _instruction_row(fmt: Format, template: PromptTemplate, row: dict, index: int) -> dict:
+    instruction, extra, response = fmt.fields(row)
+    instruction = _text(instruction, f"instruction ({fmt.columns[0]!r})", index)
+    response = _text(response, f"completion ({fmt.columns[-1]!r})", index)
+    extra = _text(extra, "input", index, allow_empty=True).strip() if extra is not None else ""
+    if template.is_chat:
+        content = f"{instruction}\n\n{extra}" if extra else instruction
+        return _one_turn(content, response)
+    if extra and template == DEFAULT:  # Alpaca's own layout for rows with an input
+        prompt = _render_with_input(instruction, extra)
+    else:
+        prompt = template.render(f"{instruction}\n\n{extra}" if extra else instruction)
+    return {"prompt": prompt, "completion": _separated(response)}
+
+
+def _messages(turns, index: int) -> list[dict]:
+    if not isinstance(turns, (list, tuple)) or not turns:
+        raise DatasetFormatError(f"Row {index}: the conversation is empty or not a list of turns.")
+    out = []
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise DatasetFormatError(f"Row {index}: a turn is {type(turn).__name__}, expected a dict.")
+        # `or`, not a .get default: rows read through Arrow carry both spellings, the unused one as None.
+        role = turn.get("role") or turn.get("from")
+        content = turn.get("content") if turn.get("content") is not None else turn.get("value")
+        mapped = _ROLES.get(str(role).lower())
+        if mapped is None:
+            raise DatasetFormatError(f"Row {index}: unknown role {role!r} (known: {sorted(_ROLES)}).")
+        out.append({"role": mapped, "content": "" if content is None else str(content)})
+    return out
+
+
+def _conversation_row(turns, template: PromptTemplate, index: int) -> dict:
+    messages = _messages(turns, index)
+    if template.is_chat:
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise DatasetFormatError(f"Row {index}: the conversation has no assistant turn to train on.")
+        if not any(m["role"] == "user" for m in messages[:last]):
+            raise DatasetFormatError(f"Row {index}: no user turn precedes the last assistant turn.")
+        _text(messages[last]["content"], "completion (last assistant turn)", index)
+        return {"prompt": messages[:last], "completion": [messages[last]]}
+    # A text template: the first exchange, user turn -> the assistant reply that follows it.
+    first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    reply = None if first_user is None else next(
+        (i for i in range(first_user + 1, len(messages)) if messages[i]["role"] == "assistant"), None)
+    if reply is None:
+        raise DatasetFormatError(f"Row {index}: the conversation has no user turn followed by an assistant reply.")
+    instruction = _text(messages[first_user]["content"], "instruction (first user turn)", index)
+    response = _text(messages[reply]["content"], "completion (first assistant reply)", index)
+    return {"prompt": template.render(instruction), "completion": _separated(response)}
+
+
+def _prompt_completion_row(row: dict, template: PromptTemplate, index: int) -> dict:
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, (list, tuple)):  # conversational prompt/completion
+        if not isinstance(completion, (list, tuple)):
+            raise DatasetFormatError(f"Row {index}: the prompt is a list of messages but the completion is not.")
+        if not template.is_chat:
+            return _conversation_row(list(prompt) + list(completion), template, index)
+        prompt_msgs, completion_msgs = _messages(prompt, index), _messages(completion, index)
+        _text("".join(m["content"] for m in completion_msgs), "completion", index)
+        return {"prompt": prompt_msgs, "completion": completion_msgs}
+    prompt = _text(prompt, "prompt", index)
+    completion = _text(completion, "completion", index)
+    if template == RAW:
+        return {"prompt": prompt, "completion": completion}
+    if template.is_chat:
+        return _one_turn(prompt, completion)
+    return {"prompt": template.render(prompt), "completion": _separated(completion)}
+
+
+def _default_template(fmt: Format, dataset) -> PromptTemplate:
+    if fmt.kind == "instruction":
+        return DEFAULT
+    if fmt.kind == "conversation":
+        return CHAT
+    first = dataset[0]["prompt"] if len(dataset) else ""
+    return CHAT if isinstance(first, (list, tuple)) else RAW
+
+
+def to_prompt_completion(dataset, format: str = "auto", template: PromptTemplate | str | None = None, num_proc=None):
+    """Convert ``dataset`` (a `datasets.Dataset`) to TRL prompt/completion.
+
+    Args:
+        format: 'auto' (detect from the columns) or a name in `FORMATS`.
+        template: a `PromptTemplate`, a spec understood by `resolve_template`, or None for the format's default
+            (Alpaca for instruction formats, CHAT for conversations, RAW for string prompt/completion).
+
+    Returns:
+        ``(dataset, template)``: only the ``prompt`` and ``completion`` columns, and the template actually used.
+
+    Raises:
+        DatasetFormatError: unknown or missing columns (the message lists the columns found and the formats
+            supported), an empty completion or prompt (naming the row), a malformed conversation.
+    """
+    columns = list(dataset.column_names)
+    fmt = resolve_format(format, columns)
+    template = resolve_template(template)
+    if template is None:
+        template = _default_template(fmt, dataset)
+
+    if fmt.kind == "instruction":
+        def convert(row, index):
+            return _instruction_row(fmt, template, row, index)
+    elif fmt.kind == "conversation":
+        def convert(row, index):
+            return _conversation_row(row[fmt.conversation_column], template, index)
+    else:
+        def convert(row, index):
+            return _prompt_completion_row(row, template, index)
+
+    style = "conversational" if template.is_chat else f"'{template.name}' template"
+    converted = dataset.map(
+        convert,
+        with_indices=True,
+        remove_columns=columns,
+        num_proc=num_proc,
+        desc=f"{fmt.description} -> prompt/completion ({style})",
+    )
+    return converted, template
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _builder_for(path: str) -> str:
+    lower = path.lower()
+    for suffix in sorted(_LOCAL_BUILDERS, key=len, reverse=True):
+        if lower.endswith(suffix):
+            return _LOCAL_BUILDERS[suffix]
+    raise ValueError(f"{path}: unsupported file type; use one of {sorted(_LOCAL_BUILDERS)}.")
+
+
+def _local_split(split: str) -> str:
+    """A single local file is one 'train' split; slicing ('train[:100]') is kept."""
+    base = split.split("[", 1)[0]
+    if base != "train":
+        raise ValueError(
+            f"A local file has a single split, 'train' (got {split!r}). To load several files as splits, pass "
+            "data_files={'train': ..., 'test': ...}."
+        )
+    return split
+
+
+def load_dataset_any(
+    name_or_path: str | None,
+    split: str = "train",
+    config: str | None = None,
+    data_dir: str | None = None,
+    data_files: str | Sequence[str] | dict | None = None,
+):
+    """Load one split from a Hub dataset id, a local file (jsonl, json, parquet, csv, tsv), a local folder of such
+    files, or a folder written by ``Dataset.save_to_disk``."""
+    import datasets
+
+    if name_or_path is None and data_files is None:
+        raise ValueError("Give a dataset: a Hub id, a local file or folder, or data_files.")
+    path = None if name_or_path is None else os.path.expanduser(str(name_or_path))
+
+    if path is not None and os.path.isfile(path):
+        builder = _builder_for(path)
+        kwargs = {"delimiter": "\t"} if path.lower().endswith(".tsv") else {}
+        return datasets.load_dataset(builder, data_files=path, split=_local_split(split), **kwargs)
+    if path is None:  # only data_files
+        files = data_files if isinstance(data_files, (list, tuple)) else (
+            next(iter(data_files.values())) if isinstance(data_files, dict) else [data_files])
+        first = files[0] if isinstance(files, (list, tuple)) else files
+        return datasets.load_dataset(_builder_for(str(first)), data_files=data_files, split=split)
+    if os.path.isdir(path):
+        if any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json")):
+            loaded = datasets.load_from_disk(path)
+            return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        return datasets.load_dataset(path, name=config, data_dir=data_dir, data_files=data_files, split=split)
+    try:
+        return datasets.load_dataset(path, name=config, data_dir=data_dir, data_files=data_files, split=split)
+    except Exception as error:  # noqa: BLE001 - re-raised with what to check
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "")
+        hint = " The Hub is switched off here (HF_HUB_OFFLINE=1)." if offline else ""
+        raise DatasetLoadError(
+            f"Could not load dataset {name_or_path!r}: it is not a local file or folder, so it was looked up on the "
+            f"Hugging Face Hub, which failed.{hint} ({type(error).__name__}: {error})"
+        ) from error
+
+
+def load_sample(n: int | None = None):
+    """The shipped MetaMathQA-format sample (2000 GSM8K train rows), optionally its first ``n`` rows."""
+    dataset = load_dataset_any(str(SAMPLE_PATH))
+    return dataset if n is None else dataset.select(range(min(n, len(dataset))))

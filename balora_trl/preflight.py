@@ -1,0 +1,103 @@
+"""Start-up checks: what a configuration needs that this machine lacks is reported before anything is loaded.
+
+QLoRA (``load_in_4bit`` / ``load_in_8bit``) needs bitsandbytes and a CUDA GPU; ``attn_implementation:
+flash_attention_2`` needs flash-attn, a CUDA GPU and a 16-bit compute dtype; a ``report_to`` integration needs its
+package. Each missing piece raises `PreflightError` naming what to install or change — at start-up, never halfway
+through a run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+
+INIT_LORA_WEIGHTS = ("true", "false", "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal")
+
+_REPORTERS = {  # report_to value -> (importable modules, any of which is enough; what to install)
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install tensorboard"),
+    "wandb": (("wandb",), "pip install wandb"),
+    "trackio": (("trackio",), "pip install trackio"),
+    "mlflow": (("mlflow",), "pip install mlflow"),
+    "comet_ml": (("comet_ml",), "pip install comet_ml"),
+}
+
+
+class PreflightError(RuntimeError):
+    """The configuration needs something this machine does not have."""
+
+
+def is_available(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def parse_init_lora_weights(value):
+    """``init_lora_weights`` as PEFT takes it: True/False or one of the initialisation names."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip()
+    if text.lower() in ("true", "1", "yes", "lora"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    if text in ("gaussian", "pissa", "olora", "orthogonal") or re.fullmatch(r"pissa_niter_\d+", text):
+        return text
+    raise PreflightError(
+        f"init_lora_weights={value!r} is not supported here; use one of {', '.join(INIT_LORA_WEIGHTS)} "
+        "(BA-LoRA's recipes use pissa_niter_4: PiSSA with a 4-iteration fast SVD)."
+    )
+
+
+def check(model_args, training_args, init_lora_weights=None) -> None:
+    """Raise `PreflightError` for the first requirement of the configuration this machine cannot meet."""
+    problems = []
+    quantized = getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False)
+    if quantized:
+        bits = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
+        if not is_available("bitsandbytes"):
+            problems.append(f"`{bits}` (QLoRA) needs bitsandbytes: pip install 'balora-trl[quant]'")
+        if not cuda_available():
+            problems.append(f"`{bits}` (QLoRA) needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
+        if not model_args.use_peft:
+            problems.append(f"`{bits}` needs `use_peft: true`: a quantized base cannot be fully fine-tuned")
+        init = parse_init_lora_weights(init_lora_weights) if init_lora_weights is not None else None
+        if isinstance(init, str) and init.startswith("pissa"):
+            problems.append(
+                f"`{bits}` with init_lora_weights={init!r}: PEFT computes PiSSA's SVD on unquantized weights only. "
+                "Use `init_lora_weights: true` (LoRA, B = 0) for QLoRA, or build a PiSSA residual model in 16 bits "
+                "first and quantize that"
+            )
+
+    attn = getattr(model_args, "attn_implementation", None) or ""
+    if attn in ("flash_attention_2", "flash_attention_3"):
+        module, extra = ("flash_attn", "pip install 'balora-trl[flash]' --no-build-isolation") if attn.endswith("2") \
+            else ("flash_attn_interface", "build flash-attention 3 (hopper/) from github.com/Dao-AILab/flash-attention")
+        if not is_available(module):
+            problems.append(f"`attn_implementation: {attn}` needs {module}: {extra}")
+        if not cuda_available():
+            problems.append(f"`attn_implementation: {attn}` needs a CUDA GPU; none is visible")
+        sixteen_bit = (getattr(model_args, "dtype", None) in ("bfloat16", "float16")
+                       or training_args.bf16 or training_args.fp16)
+        if not sixteen_bit:
+            problems.append(
+                f"`attn_implementation: {attn}` computes in fp16/bf16 only, but the model is float32 without mixed "
+                "precision: set `dtype: bfloat16` (PEFT keeps the adapters in float32) or `bf16: true`, or use "
+                "`attn_implementation: sdpa`"
+            )
+
+    for name in training_args.report_to or []:
+        if name in _REPORTERS:
+            modules, install = _REPORTERS[name]
+            if not any(is_available(m) for m in modules):
+                problems.append(f"`report_to: {name}` needs {modules[0]}: {install}")
+
+    if problems:
+        raise PreflightError("This configuration cannot start here:\n  - " + "\n  - ".join(problems))
