@@ -1,0 +1,7 @@
+"""``python -m eval TASK --model PATH ...``"""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

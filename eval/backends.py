@@ -1,0 +1,262 @@
+"""Generation backends behind one interface: ``generate(prompts, params) -> list[str]``.
+
+* ``transformers``: batched, left-padded, greedy unless temperature > 0, KV cache, stop strings; loads a merged model
+  or base + PEFT adapter (not merged, so the adapter runs exactly as trained).
+* ``vllm``: ``LLM`` + ``SamplingParams``, tensor parallel, adapters through ``LoRARequest`` (never merged). Imported
+  lazily: it needs CUDA and is an optional extra.
+* ``openai``: any OpenAI-compatible server (``vllm serve``, :mod:`eval.serve`, a hosted API) through the ``openai``
+  client; strings go to ``/v1/completions``, chat messages to ``/v1/chat/completions``.
+
+Every backend's output is cut at the first stop string (the string itself excluded), whatever the engine did.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from tqdm.auto import tqdm
+
+from .prompting import Prompt
+
+BACKENDS = ("auto", "vllm", "transformers", "openai")
+VLLM_MISSING = ("The vLLM backend needs the `vllm` package (and a CUDA GPU): pip install balora-trl[vllm] — "
+                "or use --backend transformers.")
+_VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return text if cut < 0 else text[:cut]
+
+
+def adapter_config(path: str) -> dict | None:
+    """The PEFT ``adapter_config.json`` of ``path``, or None for a full model / hub id."""
+    file = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        return json.load(f)
+
+
+def _has_tokenizer(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "tokenizer_config.json"))
+
+
+class Backend(ABC):
+    tokenizer = None  # local backends: the tokenizer that renders chat prompts
+
+    @abstractmethod
+    def _generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[str]: ...
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[str]:
+        if not prompts:
+            return []
+        return [truncate_at_stop(t, params.stop) for t in self._generate(prompts, params)]
+
+    def _render(self, prompt: Prompt) -> tuple[str, bool]:
+        """(text, add_special_tokens): chat templates already hold BOS and friends, raw text does not."""
+        if isinstance(prompt, str):
+            return prompt, True
+        if self.tokenizer is None or getattr(self.tokenizer, "chat_template", None) is None:
+            raise ValueError("Chat prompts need a tokenizer with a chat template.")
+        return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True), False
+
+
+class TransformersBackend(Backend):
+    """Hugging Face transformers on CPU or one GPU."""
+
+    def __init__(self, model_path: str, base_model: str | None = None, batch_size: int = 16, dtype: str = "auto",
+                 device: str | None = None, trust_remote_code: bool = False):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if dtype == "auto":
+            dtype = "bfloat16" if self.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
+        torch_dtype = getattr(torch, dtype)
+        adapter = adapter_config(model_path)
+        base = (base_model or adapter["base_model_name_or_path"]) if adapter else model_path
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            model_path if _has_tokenizer(model_path) else base, trust_remote_code=trust_remote_code)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        if adapter:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, model_path)
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.generated_tokens = 0  # running count, for throughput reports
+
+    def _generate(self, prompts, params):
+        import torch
+
+        tok = self.tokenizer
+        encoded = []
+        for prompt in prompts:
+            text, special = self._render(prompt)
+            encoded.append(tok(text, add_special_tokens=special)["input_ids"])
+        # Longest first, so each batch holds similar lengths (little padding) and memory errors surface early.
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        config = self.model.generation_config
+        eos = config.eos_token_id if config.eos_token_id is not None else tok.eos_token_id
+        kwargs = dict(max_new_tokens=params.max_new_tokens, use_cache=True, pad_token_id=tok.pad_token_id,
+                      eos_token_id=eos, do_sample=not params.greedy)
+        if params.greedy:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=None)
+            torch.manual_seed(params.seed)
+        if params.stop:
+            kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.pad_token_id}
+        outputs: list[str | None] = [None] * len(prompts)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for batch in tqdm(batches, desc="generating", leave=False, disable=len(batches) < 2):
+            inputs = tok.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, return_tensors="pt")
+            inputs = {k: v.to(self.device) for k, v in inputs.items()}
+            with torch.inference_mode():
+                out = self.model.generate(**inputs, **kwargs)
+            new = out[:, inputs["input_ids"].shape[1]:].tolist()
+            for i, ids in zip(batch, new):
+                end = next((j for j, t in enumerate(ids) if t in eos_ids), len(ids))
+                self.generated_tokens += end
+                outputs[i] = tok.decode(ids[:end], skip_special_tokens=True)
+        return outputs
+
+
+def _lora_rank(config: dict) -> int:
+    rank = max([config.get("r") or 8, *(config.get("rank_pattern") or {}).values()])
+    return next((r for r in _VLLM_LORA_RANKS if r >= rank), rank)
+
+
+class VLLMBackend(Backend):
+    """vLLM offline inference; an adapter folder is served on its base through ``LoRARequest``."""
+
+    def __init__(self, model_path: str, base_model: str | None = None, tensor_parallel_size: int = 1,
+                 dtype: str = "auto", seed: int = 0, max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.9, trust_remote_code: bool = False):
+        try:
+            from vllm import LLM, SamplingParams
+            from vllm.lora.request import LoRARequest
+        except ImportError as e:
+            raise ImportError(VLLM_MISSING) from e
+        self._sampling_params = SamplingParams
+        adapter = adapter_config(model_path)
+        kwargs = dict(tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
+                      gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
+        if max_model_len:
+            kwargs["max_model_len"] = max_model_len
+        if adapter:
+            base = base_model or adapter["base_model_name_or_path"]
+            kwargs.update(enable_lora=True, max_lora_rank=_lora_rank(adapter), max_loras=1)
+            self.lora_request = LoRARequest("balora-adapter", 1, os.path.abspath(model_path))
+        else:
+            base = model_path
+            self.lora_request = None
+        tokenizer = model_path if _has_tokenizer(model_path) else base
+        self.llm = LLM(model=base, tokenizer=tokenizer, **kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def _generate(self, prompts, params):
+        inputs = []
+        for prompt in prompts:
+            text, special = self._render(prompt)
+            # Token ids for rendered chat text, so vLLM does not add a second BOS.
+            inputs.append(text if special else {"prompt_token_ids": self.tokenizer(text, add_special_tokens=False)["input_ids"]})
+        sampling = self._sampling_params(
+            n=1, temperature=max(params.temperature, 0.0), top_p=params.top_p if not params.greedy else 1.0,
+            max_tokens=params.max_new_tokens, stop=list(params.stop) or None,
+            seed=None if params.greedy else params.seed,
+        )
+        outputs = self.llm.generate(inputs, sampling, lora_request=self.lora_request, use_tqdm=True)
+        return [o.outputs[0].text for o in outputs]
+
+
+class OpenAIBackend(Backend):
+    """An OpenAI-compatible HTTP server; ``concurrency`` requests in flight."""
+
+    def __init__(self, model: str, base_url: str, api_key: str | None = None, concurrency: int = 8,
+                 timeout_s: float = 600.0, max_retries: int = 3):
+        from openai import OpenAI
+
+        self.model = model
+        self.client = OpenAI(base_url=base_url, api_key=api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY",
+                             timeout=timeout_s, max_retries=max_retries)
+        self.concurrency = concurrency
+
+    def _one(self, prompt: Prompt, params: GenerationParams) -> str:
+        kwargs = dict(model=self.model, max_tokens=params.max_new_tokens, temperature=max(params.temperature, 0.0),
+                      top_p=params.top_p, stop=list(params.stop) or None)
+        if not params.greedy:
+            kwargs["seed"] = params.seed
+        if isinstance(prompt, str):
+            return self.client.completions.create(prompt=prompt, **kwargs).choices[0].text
+        return self.client.chat.completions.create(messages=prompt, **kwargs).choices[0].message.content or ""
+
+    def _generate(self, prompts, params):
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(tqdm(pool.map(lambda p: self._one(p, params), prompts), total=len(prompts),
+                             desc="requesting", leave=False, disable=len(prompts) < 2))
+
+
+def vllm_usable() -> bool:
+    """vLLM imports and a CUDA device is present."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
+            return False
+        importlib.import_module("vllm")
+        return True
+    except Exception:
+        return False
+
+
+def resolve_backend(name: str, base_url: str | None = None) -> str:
+    """``auto``: the OpenAI client when a server URL is given, else vLLM when usable, else transformers."""
+    if name not in BACKENDS:
+        raise ValueError(f"Unknown backend {name!r}; choose one of {BACKENDS}.")
+    if name != "auto":
+        return name
+    if base_url:
+        return "openai"
+    return "vllm" if vllm_usable() else "transformers"
+
+
+def load_backend(name: str, model: str, *, base_model: str | None = None, base_url: str | None = None,
+                 api_key: str | None = None, served_model_name: str | None = None, batch_size: int = 16,
+                 tensor_parallel_size: int = 1, dtype: str = "auto", seed: int = 0, concurrency: int = 8,
+                 trust_remote_code: bool = False) -> Backend:
+    name = resolve_backend(name, base_url)
+    if name == "transformers":
+        return TransformersBackend(model, base_model, batch_size=batch_size, dtype=dtype,
+                                   trust_remote_code=trust_remote_code)
+    if name == "vllm":
+        return VLLMBackend(model, base_model, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
+                           trust_remote_code=trust_remote_code)
+    if not base_url:
+        raise ValueError("--backend openai needs --base_url (e.g. http://localhost:8000/v1).")
+    return OpenAIBackend(served_model_name or model, base_url, api_key, concurrency=concurrency)
