@@ -41,6 +41,14 @@ def default_chunks(device: torch.device | str) -> tuple[int, int]:
     return _DEFAULT_CHUNKS.get(torch.device(device).type, _FALLBACK_CHUNKS)
 
 
+def _token_tiles(hidden, ref_hidden, labels, chunk, dtype, with_reference):
+    """Token tiles (t0, t1, policy rows, policy + reference rows, labels) in the compute dtype."""
+    for t0 in range(0, hidden.shape[0], chunk):
+        t1 = min(t0 + chunk, hidden.shape[0])
+        h = hidden[t0:t1].to(dtype)
+        yield t0, t1, h, (torch.cat([h, ref_hidden[t0:t1].to(dtype)]) if with_reference else h), labels[t0:t1]
+
+
 def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     """float64 if any input is float64, else float32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -101,12 +109,8 @@ class _FusedHeadTerms(torch.autograd.Function):
             row_inv = torch.cat([torch.ones(ct, **f32), torch.full((ct,), inv_t, **f32)])
 
         with torch.autocast(device.type, enabled=False), torch.no_grad():
-            for t0 in range(0, n_tokens, ct):
-                t1 = min(t0 + ct, n_tokens)
+            for t0, t1, h, hh, y in _token_tiles(hidden, ref_hidden, labels, ct, dtype, want_kl):
                 n = t1 - t0
-                h = hidden[t0:t1].to(dtype)
-                hh = torch.cat([h, ref_hidden[t0:t1].to(dtype)]) if want_kl else h
-                y = labels[t0:t1]
                 inv = None if row_inv is None else torch.cat([row_inv[:n], row_inv[ct:ct + n]])
 
                 m = s = sd = gap = s_t = z_y = None
@@ -301,12 +305,8 @@ def _recompute_backward(ctx, g_nll, g_kl, g_ent, saved):
     want_kl = g_kl is not None
     rows = 2 if want_kl else 1
     with torch.autocast(device.type, enabled=False), torch.no_grad():
-        for t0 in range(0, n_tokens, ct):
-            t1 = min(t0 + ct, n_tokens)
+        for t0, t1, h, hh, y in _token_tiles(hidden, ref_hidden, labels, ct, dtype, want_kl):
             n = t1 - t0
-            h = hidden[t0:t1].to(dtype)
-            hh = torch.cat([h, ref_hidden[t0:t1].to(dtype)]) if want_kl else h
-            y = labels[t0:t1]
             valid = y != IGNORE_INDEX
             lz = log_z[t0:t1].unsqueeze(1)
             gn = None if g_nll is None else (g_nll[t0:t1].to(dtype) * valid).unsqueeze(1)
