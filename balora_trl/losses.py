@@ -174,3 +174,15 @@ def nlu_diversity(features: torch.Tensor) -> torch.Tensor:
     cov = centred.T @ centred / (m - 1)
     off_diagonal = cov - torch.diag_embed(torch.diagonal(cov))
     return off_diagonal.pow(2).sum() / d
+
+
+def check_finite_loss(loss: torch.Tensor, terms: dict[str, torch.Tensor], step: int) -> None:
+    """Raise ``FloatingPointError`` naming the step and the non-finite term(s) when ``loss`` is not finite."""
+    if torch.isfinite(loss):
+        return
+    bad = [name for name, value in terms.items() if not torch.isfinite(value.detach())]
+    raise FloatingPointError(
+        f"BA-LoRA: non-finite loss at step {step} (term(s): {', '.join(bad) or 'total'}; "
+        f"values: { {k: float(v.detach()) for k, v in terms.items()} }). Lower the learning rate or the λ of "
+        "that term, or train in float32 to locate it."
+    )

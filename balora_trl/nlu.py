@@ -458,18 +458,9 @@ class BALoraTrainer(Trainer):
             raw["svd_ratio"] = self._svd(features)
             terms["svd_ratio"] = -cfg.lambda_svd * raw["svd_ratio"]
         loss = sum(terms.values())
-        self._check_finite(loss, terms)
+        losses.check_finite_loss(loss, terms, self.state.global_step)
         self._record(mode, task_loss, raw)
         return (loss, outputs) if return_outputs else loss
-
-    def _check_finite(self, loss, terms) -> None:
-        if torch.isfinite(loss):
-            return
-        bad = [name for name, value in terms.items() if not torch.isfinite(value.detach())]
-        raise FloatingPointError(
-            f"BA-LoRA: non-finite loss at step {self.state.global_step} (term(s): {', '.join(bad) or 'total'}; "
-            f"values: { {k: float(v.detach()) for k, v in terms.items()} }). Lower the learning rate or the λ of "
-            "that term, or train in float32 to locate it.")
 
     def _record(self, mode: str, task_loss, raw: dict) -> None:
         """Unweighted term values (eq. 5, eqs. 6-7, the top-k ratio of eq. 8), averaged over ranks; `log` averages

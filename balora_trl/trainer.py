@@ -305,7 +305,7 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
         if cfg.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
 
-        self._check_finite(loss, terms)
+        losses.check_finite_loss(loss, terms, self.state.global_step)
         self._record_metrics(mode, out, inputs)
 
         if return_outputs:
@@ -313,16 +313,6 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
                 outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
             return loss, outputs
         return loss
-
-    def _check_finite(self, loss, terms) -> None:
-        if torch.isfinite(loss):
-            return
-        bad = [name for name, value in terms.items() if not torch.isfinite(value.detach())]
-        raise FloatingPointError(
-            f"BA-LoRA: non-finite loss at step {self.state.global_step} (term(s): {', '.join(bad) or 'total'}; "
-            f"values: { {k: float(v.detach()) for k, v in terms.items()} }). Lower the learning rate or the λ of "
-            "that term, or train in float32 to locate it."
-        )
 
     def _record_metrics(self, mode: str, out: BALoraHeadOutput, inputs) -> None:
         """Token-weighted means over the micro-batch (gathered over ranks); TRL's `log` averages the window."""

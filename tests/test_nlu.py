@@ -173,6 +173,15 @@ def test_zero_lambdas_are_the_plain_trainer(tokenizer, sst2_tokenized, tmp_path)
         torch.testing.assert_close(grads_a[k], grads_b[k])
 
 
+def test_non_finite_loss_names_the_step_and_term(tokenizer, sst2_tokenized, tmp_path):
+    trainer = make_trainer(tiny_bert(), tokenizer, sst2_tokenized, tmp_path, lambda_consistency=1e-4)
+    trainer.state.global_step = 7
+    with torch.no_grad():
+        next(p for n, p in trainer.model.named_parameters() if "lora_B.default" in n).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"step 7 .*task"):
+        trainer.compute_loss(trainer.model, dict(first_batch(trainer)))
+
+
 # --------------------------------------------------------------------------------------------------------------
 # the reference: same model, initial adapter and initial head
 # --------------------------------------------------------------------------------------------------------------
