@@ -344,3 +344,27 @@ def test_fused_and_plain_head_paths_agree(family, make_model, tokenizer, gsm8k_p
     assert results["fused"][1].keys() == results["plain"][1].keys()
     for k in results["plain"][1]:
         torch.testing.assert_close(results["fused"][1][k], results["plain"][1][k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", [True, "pissa"])
+def test_reference_keeps_the_pretrained_head_when_the_head_is_trained(init, make_model, tokenizer,
+                                                                       gsm8k_prompt_completion, tmp_path):
+    """`modules_to_save=["lm_head"]` trains a copy of the head: the reference must still read the original one."""
+    model = make_model("llama")
+    pretrained = copy.deepcopy(model).eval()
+    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=init, modules_to_save=["lm_head"])
+    trainer = BALoraSFTTrainer(model, cpu_config(tmp_path, learning_rate=5e-2, max_steps=3, lambda_consistency=1.0),
+                               train_dataset=gsm8k_prompt_completion, processing_class=tokenizer,
+                               peft_config=peft_config)
+    batch = first_batch(trainer)
+    trainer.compute_loss(trainer.model, dict(batch))
+    assert trainer._metrics["train"]["ba_lora/kl"][-1] <= 1e-6
+    trainer.train()
+    head = trainer.model.get_output_embeddings()
+    assert any(p.requires_grad for p in head.parameters())
+    with trainer.reference.activate(trainer.model):
+        ref, _ = response_logits(trainer.model, batch)
+    expected, _ = response_logits(pretrained, batch)
+    assert (ref - expected).abs().max() <= 1e-4
+    trained, _ = response_logits(trainer.model, batch)
+    assert (trained - expected).abs().max() > 1e-3
