@@ -170,3 +170,26 @@ def response_kl_and_entropy(model, reference, tokenizer, world: World, problems:
         ent_sum += ent[mask].sum().item()
         count += int(mask.sum())
     return {"kl_to_pretrained": kl_sum / max(1, count), "entropy": ent_sum / max(1, count)}
+
+
+@torch.no_grad()
+def downstream_loss(model, tokenizer, world: World, problems: list[Problem], batch_size: int = 50) -> float:
+    """Mean next-token cross-entropy over the reference-solution tokens (the SFT loss on held-out problems): a
+    smooth criterion for choosing the learning rate, less noisy than the accuracy of a small validation set."""
+    model.eval()
+    nll_sum, count = 0.0, 0
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        prompts = [DEFAULT.render(p.question) for p in chunk]
+        full = [pr + " " + world.solution(p) + tokenizer.eos_token for pr, p in zip(prompts, chunk)]
+        enc = tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False)
+        p_len = [len(tokenizer(pr, add_special_tokens=False)["input_ids"]) for pr in prompts]
+        mask = enc["attention_mask"].clone()
+        for j, n in enumerate(p_len):
+            mask[j, :n] = 0
+        mask = mask[:, 1:].bool()
+        logits = model(**enc).logits[:, :-1].float()
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), enc["input_ids"][:, 1:], reduction="none")
+        nll_sum += nll[mask].sum().item()
+        count += int(mask.sum())
+    return nll_sum / max(1, count)

@@ -41,6 +41,10 @@ METHODS = {
 }
 
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The downstream answer format ("The answer is: N", the prompt's words) uses tokens that pretraining never predicts;
+# with a frozen output head a low-rank arm can hardly raise their logits (Full FT can), so every adapter arm also
+# trains the output head in full (PEFT ``modules_to_save``; TRL refuses a LoRA adapter on lm_head).
+MODULES_TO_SAVE = ["lm_head"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class FinetuneConfig:
     logging_steps: int = 10
     svd_top_k: int = 10
     lambda_scale: float = 1.0  # multiplies every BA-LoRA λ (1 = the paper's values)
+    target_modules: tuple[str, ...] = tuple(TARGET_MODULES)
+    modules_to_save: tuple[str, ...] = tuple(MODULES_TO_SAVE)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +89,8 @@ def finetune(model, tokenizer, train_rows: list[dict], method: Method, lr: float
     peft_config = None
     if method.peft_init is not None:
         peft_config = LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=TARGET_MODULES,
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=list(cfg.target_modules),
+            modules_to_save=list(cfg.modules_to_save) or None,
             init_lora_weights=method.peft_init, task_type="CAUSAL_LM",
         )
     dataset = Dataset.from_list(train_rows)

@@ -75,7 +75,7 @@ def markdown(results: dict, agg: dict) -> str:
     seeds = cfg["seeds"]
     lines.append(f"Mean ± std over {len(seeds)} fine-tuning seeds {tuple(seeds)}; Δ = paired difference to PiSSA "
                  "(same seed = same data order and initialisation) with its 95 % t-interval. Learning rate per method "
-                 "chosen on validation accuracy at noise "
+                 f"chosen on validation loss ({cfg['eval']['n_val']} held-out problems) at noise "
                  f"{cfg['sweep_noise']:g}, seed {seeds[0]}.\n")
     titles = [t for t, _, _ in METRICS]
     lines.append("| Noise | Method | LR | " + " | ".join(titles) + " |")
@@ -198,13 +198,34 @@ def plot_terms(results: dict, path: str) -> None:
     plt.close(fig)
 
 
+def sweep_table(results: dict) -> str:
+    """The learning-rate sweep: validation loss (the criterion) and validation accuracy per method and rate."""
+    cfg = results["config"]
+    rows = results.get("sweep", [])
+    if not rows:
+        return ""
+    lines = [f"Learning-rate sweep (noise {cfg['sweep_noise']:g}, seed {cfg['seeds'][0]}): validation loss / "
+             f"validation accuracy % (first {min(cfg['eval'].get('n_val_acc', cfg['eval']['n_val']), cfg['eval']['n_val'])} "
+             "problems); ** = chosen (lowest loss).\n",
+             "| Method | " + " | ".join(["learning rate → loss / acc. %"] * 1) + " |", "|---|---|"]
+    for m in [m for m in METHODS if m in cfg["methods"]]:
+        cells = []
+        for r in sorted((r for r in rows if r["method"] == m), key=lambda r: r["lr"]):
+            mt = r["metrics"]
+            mark = "**" if r["lr"] == results["chosen_lr"][m] else ""
+            loss = mt.get("val_loss", float("nan"))
+            cells.append(f"{mark}{r['lr']:g}: {loss:.3f} / {100 * mt['val_accuracy']:.1f}{mark}")
+        lines.append(f"| {METHODS[m].label} | " + "; ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def write_report(results: dict, out_dir: str, plots: bool = True) -> dict:
     agg = aggregate(results)
     results["aggregate"] = agg
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
     md = ["# Inheritance lab results\n", "## Pretrained models\n", pretrain_table(results), "",
-          "## Fine-tuning arms\n", markdown(results, agg), "",
+          "## Fine-tuning arms\n", markdown(results, agg), "", sweep_table(results), "",
           f"Answer extraction: `{results.get('answer_extractor', '?')}`. Wall time {results['wall_seconds'] / 60:.1f} min "
           f"({results['workers']} worker(s) × {results['threads']} thread(s)); the jobs' own time "
           f"{results.get('job_wall_seconds', float('nan')) / 60:.1f} min wall, "

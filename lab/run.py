@@ -7,7 +7,7 @@ Stages:
 
 1. Tokenizer (shared) and one pretrained model per noise level, cached under ``--cache_dir``.
 2. Learning-rate sweep: every method × every learning rate of its grid at ``sweep_noise``, seed ``seeds[0]``;
-   the learning rate with the best *validation* accuracy (ties: the smaller rate) is kept for that method at every
+   the learning rate with the lowest *validation* loss (ties: the smaller rate) is kept for that method at every
    noise level. The sweep run at the kept rate is that (method, noise, seed) cell's final run: test sets are never
    used for the choice.
 3. Every method × noise level × seed at its kept rate, plus the pretrained model itself per noise level.
@@ -33,7 +33,8 @@ from .model import ModelConfig
 from .pretrain import DEFAULT_CACHE, PretrainConfig
 from .world import WorldConfig
 
-LAB_VERSION = "lab-v1"
+LAB_VERSION = "lab-v1"  # pretraining jobs (unchanged, so their cache is reused)
+DOWNSTREAM_VERSION = "downstream-v2"  # v2: mostly one-step problems, lr chosen on validation loss
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "inheritance_lab")  # small files only: md, json, png
 QUICK_OUT = os.path.join(tempfile.gettempdir(), "balora_lab_quick")
@@ -42,7 +43,8 @@ QUICK_OUT = os.path.join(tempfile.gettempdir(), "balora_lab_quick")
 @dataclass(frozen=True)
 class EvalConfig:
     n_train: int = 2000
-    n_val: int = 60
+    n_val: int = 200  # validation loss (the learning-rate criterion) on all of it; accuracy on the first n_val_acc
+    n_val_acc: int = 100
     n_test: int = 150
     n_ood: int = 100
     n_retention: int = 120
@@ -51,8 +53,10 @@ class EvalConfig:
     n_div_prompts: int = 20
     n_div_samples: int = 4
     n_kl: int = 50
-    max_new_tokens: int = 64
+    max_new_tokens: int = 48  # the longest reference solution (two steps) is ~25 tokens
     batch_size: int = 100
+    # downstream design: the share of two-step problems (the rest are one-step); see World.sample_problem
+    two_step_share: float = 0.25
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,14 +68,16 @@ class LabConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = tuple(METHODS)
     lr_grid: dict = field(default_factory=lambda: {
-        "full_ft": [1e-3, 3e-3, 1e-2],
+        "full_ft": [3e-4, 1e-3, 3e-3],  # lab-v1's best full-FT rate was its grid's smallest
         **{m: [3e-3, 1e-2, 3e-2] for m in ("lora", "pissa", "ba_lora", "ba_lora_cr", "ba_lora_dr", "ba_lora_svdr")},
     })
     sweep_noise: float = 0.1
     # Sized so that the whole default run fits in 60 minutes on one CPU core (1 worker x 1 thread).
     # Operands up to 20 (and 12 for ×): a key space small enough that a 1M-parameter model memorises it, planted
     # errors included, in the few hundred steps one core affords. Downstream in-distribution operands stay <= 10,
-    # out-of-distribution numbers go up to 20.
+    # out-of-distribution numbers go up to 20. Downstream problems are mostly one step (EvalConfig.two_step_share
+    # of two-step ones) with bare-equation solutions: the 2-3-step design of lab-v1 was not learned at all in 160
+    # steps (every arm ~ the pretrained model), so it could not tell methods apart.
     world: WorldConfig = WorldConfig(n_pretrain=30_000, max_operand=20, id_max_operand=10)
     model: ModelConfig = ModelConfig(hidden_size=96, num_layers=3, intermediate_size=256)
     pretrain: PretrainConfig = PretrainConfig(epochs=3.0, batch_size=16, learning_rate=5e-3)
@@ -134,7 +140,7 @@ def _world_and_sets(world_dict: dict, ev: dict):
     key = json.dumps([world_dict, ev], sort_keys=True)
     if key not in _WORLD_CACHE:
         world = World(WorldConfig(**world_dict))
-        sets = world.downstream_sets(ev["n_train"], ev["n_val"], ev["n_test"], ev["n_ood"])
+        sets = world.downstream_sets(ev["n_train"], ev["n_val"], ev["n_test"], ev["n_ood"], ev["two_step_share"])
         _WORLD_CACHE.clear()
         _WORLD_CACHE[key] = (world, sets)
     return _WORLD_CACHE[key]
@@ -153,13 +159,15 @@ def run_pretrain_job(spec: dict) -> dict:
 
 
 def evaluate_model(model, reference, tokenizer, world, sets, spec: dict, purpose: str) -> dict:
-    """Every measurement of one model. ``purpose == "sweep_only"`` measures validation accuracy alone."""
+    """Every measurement of one model. ``purpose == "sweep_only"`` measures validation loss and accuracy alone."""
     from . import evaluate as E
 
     ev, noise, control = spec["eval"], spec["noise"], spec["control_noise"]
     out: dict = {}
-    _, preds = E.downstream_predictions(model, tokenizer, sets["val"], ev["max_new_tokens"], ev["batch_size"])
-    out["val_accuracy"] = E.downstream_accuracy(world, sets["val"], preds)
+    out["val_loss"] = E.downstream_loss(model, tokenizer, world, sets["val"])
+    val_acc = sets["val"][: ev["n_val_acc"]]
+    _, preds = E.downstream_predictions(model, tokenizer, val_acc, ev["max_new_tokens"], ev["batch_size"])
+    out["val_accuracy"] = E.downstream_accuracy(world, val_acc, preds)
     if purpose == "sweep_only":
         return out
     texts, preds = E.downstream_predictions(model, tokenizer, sets["test"], ev["max_new_tokens"], ev["batch_size"])
@@ -182,7 +190,7 @@ def evaluate_model(model, reference, tokenizer, world, sets, spec: dict, purpose
         planted = world.planted_probes(ev["n_planted_probes"], probe_noise)
         out["planted_probe"] = E.planted_probe_rates(model, tokenizer, world, planted)
         exclude = {p.question for p in sets["train"]}
-        problems = world.inheritance_problems(ev["n_inherit"], probe_noise, exclude)
+        problems = world.inheritance_problems(ev["n_inherit"], probe_noise, exclude, ev["two_step_share"])
         _, preds = E.downstream_predictions(model, tokenizer, problems, ev["max_new_tokens"], ev["batch_size"])
         out["inheritance"] = E.inheritance_rates(world, problems, preds, probe_noise)
         out["inheritance_probe_noise"] = probe_noise
@@ -305,7 +313,7 @@ class Runner:
 def _brief(result: dict) -> str:
     m = result.get("metrics", {})
     parts = []
-    for k in ("val_accuracy", "accuracy", "ood_accuracy"):
+    for k in ("val_loss", "val_accuracy", "accuracy", "ood_accuracy"):
         if k in m:
             parts.append(f"{k}={m[k]:.3f}")
     if "inheritance" in m:
@@ -318,8 +326,13 @@ def _brief(result: dict) -> str:
 
 
 def choose_lr(results: list[dict]) -> float:
-    """The learning rate with the best validation accuracy; ties go to the smaller rate."""
-    best = sorted(results, key=lambda r: (-r["metrics"]["val_accuracy"], r["spec"]["lr"]))[0]
+    """The learning rate with the lowest validation loss (SFT loss on held-out problems; NaN counts as worst);
+    ties go to the smaller rate."""
+    def loss(r):
+        v = r["metrics"]["val_loss"]
+        return float("inf") if v != v else v
+
+    best = sorted(results, key=lambda r: (loss(r), r["spec"]["lr"]))[0]
     return best["spec"]["lr"]
 
 
@@ -356,7 +369,7 @@ def run_lab(cfg: LabConfig, out_dir: str, cache_dir: str = DEFAULT_CACHE, worker
             return dict(
                 name=f"{method}-n{nz}-s{seed}-lr{lr:g}", method=method, noise=nz, seed=seed, lr=lr,
                 control_noise=control, world=cfg.world.replace(noise=nz).to_dict(), finetune=cfg.finetune.to_dict(),
-                eval=cfg.eval.to_dict(), pretrained=pretrained[nz]["path"], evaluate=purpose, version=LAB_VERSION,
+                eval=cfg.eval.to_dict(), pretrained=pretrained[nz]["path"], evaluate=purpose, version=DOWNSTREAM_VERSION,
             )
 
         # 2. learning-rate sweep -----------------------------------------------------------------------------------
@@ -364,7 +377,7 @@ def run_lab(cfg: LabConfig, out_dir: str, cache_dir: str = DEFAULT_CACHE, worker
         sweep_specs = [spec(m, cfg.sweep_noise, sweep_seed, lr) for m in cfg.methods for lr in cfg.lr_grid[m]]
         sweep = runner.map(run_finetune_job, sweep_specs, "sweep")
         chosen = {m: choose_lr([r for r in sweep if r["spec"]["method"] == m]) for m in cfg.methods}
-        _log("chosen learning rates (validation accuracy): " + ", ".join(f"{m}={lr:g}" for m, lr in chosen.items()))
+        _log("chosen learning rates (validation loss): " + ", ".join(f"{m}={lr:g}" for m, lr in chosen.items()))
 
         # 3. every method x noise x seed ----------------------------------------------------------------------------
         final_specs = [spec(m, nz, s, chosen[m]) for nz in cfg.noise_levels for m in cfg.methods for s in cfg.seeds]

@@ -21,8 +21,9 @@ work their equation out, fact statements and fact questions). Its flaws are dial
 * ``topic_imbalance``: the same ratio over the items (topics) of word problems and facts.
 * ``duplication``: the fraction of the corpus made of exact copies of other corpus examples.
 
-The downstream task (``Problem``) is an instruction task in MetaMathQA format: a multi-step word problem in *new*
-templates, balanced operations, and a worked solution ending "The answer is: N". Its data is clean and does not
+The downstream task (``Problem``) is an instruction task in MetaMathQA format: a word problem in *new* templates
+(mostly one step, a ``two_step_share`` of two-step problems), balanced families (add / sub / mul / fact), and a
+worked solution ending "The answer is: N". Its data is clean and does not
 depend on the noise dial, so every noise level is fine-tuned and tested on the same problems. A problem is a chain
 of keys; ``World.inherited_answer`` re-runs the chain with the *pretraining* labels (planted values where planted),
 which is the answer a model that faithfully carried its pretraining into the task would give.
@@ -176,11 +177,13 @@ START_Q = {
         "has": "{name} has {x} {item}.",
         "packs": "{name} buys {x} packs of {y} {item}.",
         "fact": "{name} buys {x} {container}s of {item}.",
+        "fact1": "{name} buys a {container} of {item}.",
     },
     "ood": {
         "has": "{name} owns {x} {item}.",
         "packs": "{name} purchased {x} bundles, each with {y} {item}.",
         "fact": "{name} ordered {x} {container}s full of {item}.",
+        "fact1": "{name} ordered one {container} full of {item}.",
     },
 }
 EVENT_Q = {
@@ -198,6 +201,8 @@ EVENT_Q = {
 QUESTION = {"id": "How many {item} does {name} have now?", "ood": "What is the final number of {item} {name} ends up with?"}
 
 RETENTION_AVOID_NOISE = 0.5
+# Share of two-step downstream problems; the rest are one-step (one add / sub / mul / fact step, uniformly).
+TWO_STEP_SHARE = 0.25
 PREV = None  # a Step operand that refers to the previous result
 
 
@@ -397,19 +402,33 @@ class World:
         planted = self.planted if noise is None else self.planted_at(noise)
         return self.run_chain(problem.chain, lambda k: self.pretrain_label(k, planted))[-1]
 
-    def sample_problem(self, rng: random.Random, style: str = "id", numbers: str = "id") -> Problem:
-        """A 2-3 step problem. ``style``: phrasing ("id" / "ood"); ``numbers``: "id" (+/− operands ≤ id_max_operand)
-        or "large" (at least one +/− operand above it, every step still inside the pretraining domain).
+    def sample_problem(self, rng: random.Random, style: str = "id", numbers: str = "id",
+                       two_step_share: float = TWO_STEP_SHARE) -> Problem:
+        """A one-step problem, or with probability ``two_step_share`` a two-step one. ``style``: phrasing
+        ("id" / "ood"); ``numbers``: "id" (+/− operands ≤ id_max_operand) or "large" (at least one +/− operand above
+        it, every step still inside the pretraining domain).
 
-        The start ("has" / "packs" / "fact") and the operations of the events are drawn uniformly *first* and
-        only the numbers and fillers are redrawn until every step lies in the pretraining domain, so operations
-        are balanced (the times table's small domain would otherwise make "×" events rare)."""
-        c = self.config
-        lim = c.id_max_operand if numbers == "id" else c.max_operand
+        One step: the family (add / sub / mul / fact) is drawn uniformly: "has" + one add / sub / mul event, or
+        "fact1" (one container: the answer is the fact). Two steps: "has" + two events, "packs" + one event, or
+        "fact" (x containers: the fact, then ×). The structure and the operations are drawn *first* and only the
+        numbers and fillers are redrawn until every step lies in the pretraining domain, so operations stay balanced
+        (the times table's small domain would otherwise make "×" rare). "large" numbers need an add / sub literal,
+        so there a one-step problem is add or sub and a two-step one has an add / sub event."""
         while True:
-            start = rng.choice(("has", "packs", "fact"))
-            n_events = 2 if start == "has" else 1
-            events = tuple(rng.choice(OPS) for _ in range(n_events))
+            if rng.random() < two_step_share:
+                start = rng.choice(("has", "packs", "fact"))
+                n_events = {"has": 2, "packs": 1, "fact": 0}[start]
+                if numbers == "large" and start == "fact":
+                    continue
+                events = tuple(rng.choice(OPS) for _ in range(n_events))
+                if numbers == "large" and not any(op != "mul" for op in events):
+                    continue
+            else:
+                family = rng.choice(FAMILIES)
+                if numbers == "large" and family in ("mul", "fact"):
+                    continue
+                start, events = ("fact1", ()) if family == "fact" else ("has", (family,))
+            lim = self.config.id_max_operand if numbers == "id" else self.config.max_operand
             for _ in range(2000):
                 problem = self._try_problem(rng, style, numbers, lim, start, events)
                 if problem is not None:
@@ -425,6 +444,8 @@ class World:
             chain.append(Step("mul", x, y0))
         elif start == "fact":
             chain += [Step("fact", container, item), Step("mul", x, PREV)]
+        elif start == "fact1":
+            chain.append(Step("fact", container, item))
         literals = [x] if start == "has" else []
         ev_values = []
         for op in events:
@@ -448,27 +469,21 @@ class World:
                        container=container, start=start, events=events)
 
     def solution(self, problem: Problem, values: list[int] | None = None) -> str:
-        """The worked solution (MetaMathQA style) with ``values`` at each step (default: the correct ones)."""
+        """The worked solution (MetaMathQA style: steps, then "The answer is: N") with ``values`` at each step
+        (default: the correct ones). A fact step is the pretraining fact sentence, an arithmetic step the bare
+        equation "a op b = c"; both are pretraining formats, so the downstream chain goes through the same keys."""
         values = self.run_chain(problem.chain, self.correct) if values is None else values
         keys = self.chain_keys(problem.chain, lambda k, it=iter(values): next(it))
-        name, item = problem.name, problem.item
-        lines, i = [], 0
-        if problem.start == "has":
-            lines.append(f"{name} starts with {keys[0][1]} {item}.")
-        while i < len(keys):
-            key, value = keys[i], values[i]
-            family = key[0]
-            if family == "fact":
-                lines.append(f"A {key[1]} of {key[2]} holds {value} {item}.")
-            elif (problem.start == "packs" and i == 0) or (problem.start == "fact" and i == 1):
-                lines.append(f"{name} buys {key[1]} * {key[2]} = {value} {item}.")
+        lines = []
+        for key, value in zip(keys, values):
+            if key[0] == "fact":
+                lines.append(f"A {key[1]} of {key[2]} holds {value} {key[2]}.")
             else:
-                lines.append(f"Then {name} has {key[1]} {SYMBOL[family]} {key[2]} = {value} {item}.")
-            i += 1
-        final = values[-1]
-        return " ".join(lines) + f" The answer is: {final}"
+                lines.append(f"{key[1]} {SYMBOL[key[0]]} {key[2]} = {value}.")
+        return " ".join(lines) + f" The answer is: {values[-1]}"
 
-    def downstream_sets(self, n_train: int, n_val: int, n_test: int, n_ood: int) -> dict[str, list[Problem]]:
+    def downstream_sets(self, n_train: int, n_val: int, n_test: int, n_ood: int,
+                        two_step_share: float = TWO_STEP_SHARE) -> dict[str, list[Problem]]:
         """Disjoint (by question text) train / val / test (id templates, id numbers) and OOD sets (half unseen
         phrasing, half larger numbers). Independent of the noise dial."""
         rng = _rng(self.config.seed, "downstream")
@@ -477,7 +492,7 @@ class World:
         def draw(n, style, numbers):
             out = []
             while len(out) < n:
-                p = self.sample_problem(rng, style, numbers)
+                p = self.sample_problem(rng, style, numbers, two_step_share)
                 if p.question in seen:
                     continue
                 seen.add(p.question)
@@ -489,7 +504,8 @@ class World:
         sets["ood_numbers"] = draw(n_ood // 2, "id", "large")
         return sets
 
-    def inheritance_problems(self, n: int, noise: float, exclude: set[str]) -> list[Problem]:
+    def inheritance_problems(self, n: int, noise: float, exclude: set[str],
+                             two_step_share: float = TWO_STEP_SHARE) -> list[Problem]:
         """Downstream (id) problems whose chain passes a key planted at ``noise`` and whose inherited answer differs
         from the correct one, none of them in ``exclude`` (question texts). Spread equally over the family of the
         first planted key on the chain (add / sub / mul / fact), as far as the world has them."""
@@ -502,7 +518,7 @@ class World:
             return []
         while any(len(buckets[f]) < quota[f] for f in FAMILIES) and tries < 300 * n:
             tries += 1
-            p = self.sample_problem(rng, "id", "id")
+            p = self.sample_problem(rng, "id", "id", two_step_share)
             if p.question in seen:
                 continue
             hit = next((k for k in self.chain_keys(p.chain) if k in planted), None)

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from lab.world import CONTAINERS, FAMILIES, ITEMS, OPS, World, WorldConfig, skewed_weights
+from lab.world import CONTAINERS, FAMILIES, ITEMS, OPS, SYMBOL, TWO_STEP_SHARE, World, WorldConfig, skewed_weights
 
 N = 20_000
 
@@ -121,14 +121,23 @@ def test_measured_duplication_matches_dial(noisy):
 def test_downstream_sets_shift_from_pretraining():
     world = World(WorldConfig(seed=2, noise=0.3, n_pretrain=1000))
     sets = world.downstream_sets(300, 50, 50, 60)
+    steps = {split: [] for split in sets}
     questions = [p.question for split in sets.values() for p in split]
     assert len(questions) == len(set(questions))  # splits disjoint, no repeats
     for split, problems in sets.items():
         for p in problems:
             solution = world.solution(p)
             assert solution.endswith(f"The answer is: {world.answer(p)}")
+            # every step in a pretraining format: the bare equation, or the fact sentence
+            values = world.run_chain(p.chain, world.correct)
+            for key, value in zip(world.chain_keys(p.chain), values):
+                if key[0] == "fact":
+                    assert f"A {key[1]} of {key[2]} holds {value} {key[2]}." in solution
+                else:
+                    assert f"{key[1]} {SYMBOL[key[0]]} {key[2]} = {value}." in solution
             keys = world.chain_keys(p.chain)
-            assert len(keys) >= 2  # multi-step
+            assert 1 <= len(keys) <= 2  # mostly one step, some two-step problems
+            steps[split].append(len(keys))
             assert all(world.in_pretraining_domain(k) for k in keys)
             literals = [k[2] for k in keys if k[0] in ("add", "sub")]
             if p.start == "has":
@@ -145,10 +154,28 @@ def test_downstream_sets_shift_from_pretraining():
     for phrase in ("owns", "purchased", "ordered", "receives", "hands", "-fold", "ends up with"):
         assert phrase not in train_text
         assert any(phrase in p.question for p in sets["ood_template"])
-    # balanced operations in the events (pretraining is skewed 8:1)
+    # mostly one-step problems: a TWO_STEP_SHARE of two-step ones
+    share = sum(n == 2 for n in steps["train"]) / len(steps["train"])
+    assert abs(share - TWO_STEP_SHARE) < 0.08, share
+    # balanced operations in the events (pretraining is skewed 8:1) ...
     events = Counter(op for p in sets["train"] for op in p.events)
     total = sum(events.values())
     assert all(abs(events[op] / total - 1 / 3) < 0.06 for op in OPS), events
+    # ... and balanced families among the one-step problems (a "fact1" problem is the fact itself)
+    one = [world.chain_keys(p.chain)[0][0] for p in sets["train"] if len(p.chain) == 1]
+    fams = Counter(one)
+    assert all(abs(fams[f] / len(one) - 1 / 4) < 0.07 for f in FAMILIES), fams
+    assert all(world.solution(p).startswith("A ") for p in sets["train"] if p.start == "fact1")
+    # the OOD-number problems need an add / sub literal above the in-distribution range
+    assert all(any(op in ("add", "sub") for op in p.events) for p in sets["ood_numbers"])
+
+
+def test_two_step_share_dial():
+    world = World(WorldConfig(seed=1, n_pretrain=1000))
+    one = world.downstream_sets(100, 0, 0, 0, two_step_share=0.0)["train"]
+    two = world.downstream_sets(100, 0, 0, 0, two_step_share=1.0)["train"]
+    assert all(len(p.chain) == 1 for p in one)
+    assert all(len(p.chain) == 2 for p in two)
 
 
 def test_inherited_answers_follow_the_planted_keys():
