@@ -144,6 +144,20 @@ def inheritance_rates(world: World, problems: list[Problem], preds: list[str | N
     return out
 
 
+def _solution_batches(tokenizer, world: World, problems: list[Problem], batch_size: int):
+    """(encoding, mask) per batch of prompt + reference solution; mask marks the positions whose *next* token is a
+    response token (the positions the SFT loss uses)."""
+    for i in range(0, len(problems), batch_size):
+        chunk = problems[i:i + batch_size]
+        prompts = [DEFAULT.render(p.question) for p in chunk]
+        full = [pr + " " + world.solution(p) + tokenizer.eos_token for pr, p in zip(prompts, chunk)]
+        enc = tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False)
+        mask = enc["attention_mask"].clone()
+        for j, prompt in enumerate(prompts):
+            mask[j, :len(tokenizer(prompt, add_special_tokens=False)["input_ids"])] = 0
+        yield enc, mask[:, 1:].bool()
+
+
 @torch.no_grad()
 def response_kl_and_entropy(model, reference, tokenizer, world: World, problems: list[Problem],
                             batch_size: int = 50) -> dict:
@@ -151,16 +165,7 @@ def response_kl_and_entropy(model, reference, tokenizer, world: World, problems:
     model.eval()
     reference.eval()
     kl_sum, ent_sum, count = 0.0, 0.0, 0
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        prompts = [DEFAULT.render(p.question) for p in chunk]
-        full = [pr + " " + world.solution(p) + tokenizer.eos_token for pr, p in zip(prompts, chunk)]
-        enc = tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False)
-        p_len = [len(tokenizer(pr, add_special_tokens=False)["input_ids"]) for pr in prompts]
-        mask = enc["attention_mask"].clone()
-        for j, n in enumerate(p_len):
-            mask[j, :n] = 0
-        mask = mask[:, 1:].bool()  # positions whose *next* token is a response token
+    for enc, mask in _solution_batches(tokenizer, world, problems, batch_size):
         logits = model(**enc).logits[:, :-1].float()
         ref = reference(**enc).logits[:, :-1].float()
         logp, logq = torch.log_softmax(logits, -1), torch.log_softmax(ref, -1)
@@ -178,16 +183,7 @@ def downstream_loss(model, tokenizer, world: World, problems: list[Problem], bat
     smooth criterion for choosing the learning rate, less noisy than the accuracy of a small validation set."""
     model.eval()
     nll_sum, count = 0.0, 0
-    for i in range(0, len(problems), batch_size):
-        chunk = problems[i:i + batch_size]
-        prompts = [DEFAULT.render(p.question) for p in chunk]
-        full = [pr + " " + world.solution(p) + tokenizer.eos_token for pr, p in zip(prompts, chunk)]
-        enc = tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False)
-        p_len = [len(tokenizer(pr, add_special_tokens=False)["input_ids"]) for pr in prompts]
-        mask = enc["attention_mask"].clone()
-        for j, n in enumerate(p_len):
-            mask[j, :n] = 0
-        mask = mask[:, 1:].bool()
+    for enc, mask in _solution_batches(tokenizer, world, problems, batch_size):
         logits = model(**enc).logits[:, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), enc["input_ids"][:, 1:], reduction="none")
         nll_sum += nll[mask].sum().item()
