@@ -24,6 +24,16 @@ def gsm8k_rows(split: str = "train", n: int = 64) -> list[dict]:
         return [json.loads(line) for _, line in zip(range(n), f)]
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module (tiny tiles / tiny encoders: a second thread on the shared 2-core machine
+    spins more than it computes); restores the previous count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     from balora_trl.local_models import train_tokenizer

