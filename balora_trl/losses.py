@@ -22,6 +22,7 @@ This module is the *plain* implementation: it materialises logits. The fused, ti
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -76,7 +77,7 @@ def svd_ratio(matrix: torch.Tensor, k: int) -> torch.Tensor:
     """Eq. 12 / eq. 8 without the sign: the share of the top-k singular values of ``matrix`` (exact SVD).
 
     Differentiable. Raises ``torch.linalg.LinAlgError`` if the SVD does not converge; the trainer catches
-    that and retries with :func:`svd_ratio_gram`.
+    that and retries with :func:`svd_ratio_gram` (:func:`svd_ratio_robust`).
     """
     return top_k_ratio(torch.linalg.svdvals(_wide(matrix)), k)
 
@@ -93,6 +94,43 @@ def svd_ratio_gram(matrix: torch.Tensor, k: int) -> torch.Tensor:
     eigenvalues = torch.linalg.eigvalsh(gram).flip(0)
     sigma = eigenvalues.clamp_min(1e-30).sqrt() * (eigenvalues > 0)
     return top_k_ratio(sigma, k).to(matrix.dtype if matrix.is_floating_point() else torch.float32)
+
+
+def svd_fallback_warner(current_step):
+    """An ``on_fallback`` for :func:`svd_ratio_robust` that warns the first time only, naming the step
+    (``current_step()``). Each trainer holds its own."""
+    warned = False
+
+    def on_fallback(error: Exception) -> None:
+        nonlocal warned
+        if not warned:
+            warnings.warn(f"BA-LoRA: the SVD did not converge at step {current_step()} ({error}); using the "
+                          "eigenvalues of the Gram matrix instead (warned once).", stacklevel=4)
+            warned = True
+
+    return on_fallback
+
+
+def svd_ratio_robust(compute, args: tuple, k: int, on_fallback=None) -> torch.Tensor:
+    """``compute(*args, k)`` (:func:`svd_ratio`, or a head-factored route taking ``(hidden, weight, bias)``), made
+    safe for a training loop, which both trainers (NLG and NLU) use.
+
+    * Non-finite input: NaN, so the trainer's finiteness check names the step and the term (no silent 0).
+    * The SVD did not converge: ``on_fallback(error)`` (the trainer warns once), then the same value through
+      :func:`svd_ratio_gram` on the logits (projected from ``(hidden, weight, bias)`` when that is what ``args`` is).
+    * That fails too: 0. The term is a small regulariser; one batch without it must not stop a training run.
+    """
+    try:
+        return compute(*args, k)
+    except (torch.linalg.LinAlgError, RuntimeError) as error:
+        if not torch.isfinite(args[0]).all():
+            return args[0].new_full((), float("nan"), dtype=torch.float32)
+        if on_fallback is not None:
+            on_fallback(error)
+        try:
+            return svd_ratio_gram(args[0] if len(args) == 1 else project(*args[:3]), k)
+        except (torch.linalg.LinAlgError, RuntimeError):
+            return args[0].new_zeros((), dtype=torch.float32)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -379,7 +379,7 @@ class BALoraTrainer(Trainer):
                           "diversity term is 0, the SVD ratio is 1 and the normalised-logit consistency is a sign "
                           "test, so none of them has a gradient. Use `regulariser_features='hidden'`.", stacklevel=2)
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
-        self._svd_warned = False
+        self._on_svd_fallback = losses.svd_fallback_warner(lambda: self.state.global_step)
         if self.args.feature_dump_steps:
             self.add_callback(FeatureDumpCallback(self))
 
@@ -399,17 +399,7 @@ class BALoraTrainer(Trainer):
             validate_labels(ds, self.num_labels, label_column=label, name=split_name)
 
     def _svd(self, matrix: torch.Tensor) -> torch.Tensor:
-        k = self.args.svd_top_k
-        try:
-            return losses.svd_ratio(matrix, k)
-        except (torch.linalg.LinAlgError, RuntimeError) as error:
-            if not torch.isfinite(matrix).all():
-                return matrix.new_full((), float("nan"), dtype=torch.float32)
-            if not self._svd_warned:
-                warnings.warn(f"BA-LoRA: the SVD did not converge at step {self.state.global_step} ({error}); "
-                              "using the eigenvalues of the Gram matrix instead (warned once).", stacklevel=2)
-                self._svd_warned = True
-            return losses.svd_ratio_gram(matrix, k)
+        return losses.svd_ratio_robust(losses.svd_ratio, (matrix,), self.args.svd_top_k, self._on_svd_fallback)
 
     def _features(self, tap: FeatureTap | None, outputs, inputs) -> torch.Tensor:
         if self.args.regulariser_features == "hidden":

@@ -157,7 +157,7 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
                 self.reference.ref_model = self._prepare_reference_model(self.reference.ref_model)
         install_head_forward(self._causal_lm())
         self._path = self._choose_head_path()
-        self._svd_warned = False
+        self._on_svd_fallback = losses.svd_fallback_warner(lambda: self.state.global_step)
 
     # ----------------------------------------------------------------------------------------------------------
     # set-up helpers
@@ -221,21 +221,8 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
             return BALoraHeadOutput(ref_logits=head_logits(module, hidden).detach())
 
     def _svd_term(self, compute, *args) -> torch.Tensor:
-        """r_k by ``compute``; on a non-converging SVD, one warning and the Gram-eigenvalue route, else 0."""
-        try:
-            return compute(*args, self.args.svd_top_k)
-        except (torch.linalg.LinAlgError, RuntimeError) as error:
-            if not torch.isfinite(args[0]).all():  # not a convergence problem: let the finiteness check name it
-                return args[0].new_full((), float("nan"), dtype=torch.float32)
-            if not self._svd_warned:
-                warnings.warn(f"BA-LoRA: the SVD did not converge at step {self.state.global_step} ({error}); "
-                              "using the eigenvalues of the Gram matrix instead (warned once).", stacklevel=2)
-                self._svd_warned = True
-            try:
-                logits = args[0] if compute is losses.svd_ratio else losses.project(*args[:3])
-                return losses.svd_ratio_gram(logits, self.args.svd_top_k)
-            except (torch.linalg.LinAlgError, RuntimeError):
-                return args[0].new_zeros((), dtype=torch.float32)
+        """r_k by ``compute``, with the Gram-eigenvalue fallback of :func:`losses.svd_ratio_robust` (warned once)."""
+        return losses.svd_ratio_robust(compute, args, self.args.svd_top_k, self._on_svd_fallback)
 
     def _policy_head(self, ref: BALoraHeadOutput | None):
         cfg = self.args

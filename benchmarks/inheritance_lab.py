@@ -1,6 +1,6 @@
 """Inheritance lab (issue 8): noisy, imbalanced pretraining from scratch, then Full FT / LoRA / PiSSA / BA-LoRA.
 
-    python benchmarks/inheritance_lab.py            # default run, < 1 h on one CPU core -> benchmarks/results/inheritance_lab/
+    python benchmarks/inheritance_lab.py            # default run, < 1 h on 2 CPU cores -> benchmarks/results/inheritance_lab/
     python benchmarks/inheritance_lab.py --quick    # smoke test, < 5 min -> $TMPDIR/balora_lab_quick/
     python benchmarks/inheritance_lab.py --help
 

@@ -21,7 +21,7 @@ import torch
 from .model import ModelConfig, build_model, count_parameters, train_digit_tokenizer
 from .world import World, WorldConfig
 
-CACHE_VERSION = "lab-v1"
+CACHE_VERSION = "lab-v2"  # v2: lab-v2 pretraining (LabConfig), stale lab-v1 checkpoints not reused
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "balora_lab")
 
 

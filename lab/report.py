@@ -7,7 +7,7 @@ import math
 import os
 from collections import defaultdict
 
-from .finetune import METHODS
+from .finetune import METHODS, PAPER_LAMBDAS
 from .stats import mean_std, paired_ci
 
 BASELINE = "pissa"
@@ -17,12 +17,13 @@ METRICS = [
     ("Downstream acc. %", lambda m: m.get("accuracy"), 100),
     ("OOD acc. %", lambda m: m.get("ood_accuracy"), 100),
     ("Retention %", lambda m: (m.get("retention") or {}).get("all"), 100),
-    ("Inherited (downstream) %", lambda m: (m.get("inheritance") or {}).get("inherited"), 100),
+    ("Inherited, seen keys %", lambda m: (m.get("inheritance") or {}).get("inherited"), 100),
+    ("Inherited, unseen keys %", lambda m: (m.get("inheritance_unseen") or {}).get("inherited"), 100),
     ("Inherited (pretrain fmt) %", lambda m: (m.get("planted_probe") or {}).get("inherited"), 100),
     ("Distinct-2", lambda m: m.get("distinct_2"), 1),
     ("KL to pretrained", lambda m: m.get("kl_to_pretrained"), 1),
 ]
-KEYS = ["accuracy", "ood_accuracy", "retention", "inherited", "inherited_pretrain_format", "distinct_2",
+KEYS = ["accuracy", "ood_accuracy", "retention", "inherited", "inherited_unseen", "inherited_pretrain_format", "distinct_2",
         "kl_to_pretrained"]
 
 
@@ -219,13 +220,30 @@ def sweep_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+COLUMNS = (
+    "Inherited = how often the final answer is the one pretraining's planted (wrong) labels lead to, among answers "
+    "where that differs from the truth, on held-out downstream problems whose chain passes a planted key: *seen* "
+    "keys are planted keys the fine-tuning problems use (with their right answers), *unseen* keys are a seeded half of "
+    "the largest noise level's planted keys that no downstream problem uses (`World.held_out_keys`). Pretrain fmt = "
+    "the same on bare pretraining-format probes of planted keys. At noise 0 the keys are those the largest level "
+    "plants (a control: nothing was planted)."
+)
+
+
+def _lambda_line(results: dict) -> str:
+    scale = results["config"]["finetune"].get("lambda_scale", 1.0)
+    lam = ", ".join(f"{scale * v:g}" for v in PAPER_LAMBDAS)
+    return (f"BA-LoRA arms at λ1, λ2, λ3 = {lam}" + (" (the paper's)" if scale == 1 else f" (the paper's × {scale:g})")
+            + ".\n")
+
+
 def write_report(results: dict, out_dir: str, plots: bool = True) -> dict:
     agg = aggregate(results)
     results["aggregate"] = agg
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)
     md = ["# Inheritance lab results\n", "## Pretrained models\n", pretrain_table(results), "",
-          "## Fine-tuning arms\n", markdown(results, agg), "", sweep_table(results), "",
+          "## Fine-tuning arms\n", _lambda_line(results), markdown(results, agg), "", COLUMNS, "", sweep_table(results), "",
           f"Answer extraction: `{results.get('answer_extractor', '?')}`. Wall time {results['wall_seconds'] / 60:.1f} min "
           f"({results['workers']} worker(s) × {results['threads']} thread(s)); the jobs' own time "
           f"{results.get('job_wall_seconds', float('nan')) / 60:.1f} min wall, "

@@ -482,10 +482,22 @@ class World:
                 lines.append(f"{key[1]} {SYMBOL[key[0]]} {key[2]} = {value}.")
         return " ".join(lines) + f" The answer is: {values[-1]}"
 
+    def held_out_keys(self, noise: float, share: float) -> set[Key]:
+        """A seeded ``share`` of the keys planted at ``noise`` (the lab's largest level) that no downstream problem
+        of :meth:`downstream_sets` uses when it is given them as ``avoid``.
+
+        Fine-tuning data that shows a planted key with its right answer corrects that key directly; only keys it
+        never shows tell whether a method carries a pretraining error into the task. The set depends on the seed and
+        the key masses, not on the noise dial, so every noise level is fine-tuned on the same problems; the planted
+        sets are nested, so it holds about ``share`` of every lower level's planted keys too."""
+        return {k for k in self.planted_at(noise) if _unit(self.config.seed, "held_out", key_str(k)) < share}
+
     def downstream_sets(self, n_train: int, n_val: int, n_test: int, n_ood: int,
-                        two_step_share: float = TWO_STEP_SHARE) -> dict[str, list[Problem]]:
+                        two_step_share: float = TWO_STEP_SHARE, avoid: set[Key] = frozenset()
+                        ) -> dict[str, list[Problem]]:
         """Disjoint (by question text) train / val / test (id templates, id numbers) and OOD sets (half unseen
-        phrasing, half larger numbers). Independent of the noise dial."""
+        phrasing, half larger numbers), none of whose chains touches a key in ``avoid``. Independent of the noise
+        dial."""
         rng = _rng(self.config.seed, "downstream")
         seen: set[str] = set()
 
@@ -493,7 +505,7 @@ class World:
             out = []
             while len(out) < n:
                 p = self.sample_problem(rng, style, numbers, two_step_share)
-                if p.question in seen:
+                if p.question in seen or (avoid and any(k in avoid for k in self.chain_keys(p.chain))):
                     continue
                 seen.add(p.question)
                 out.append(p)
@@ -505,12 +517,16 @@ class World:
         return sets
 
     def inheritance_problems(self, n: int, noise: float, exclude: set[str],
-                             two_step_share: float = TWO_STEP_SHARE) -> list[Problem]:
+                             two_step_share: float = TWO_STEP_SHARE, keys: set[Key] | None = None) -> list[Problem]:
         """Downstream (id) problems whose chain passes a key planted at ``noise`` and whose inherited answer differs
-        from the correct one, none of them in ``exclude`` (question texts). Spread equally over the family of the
-        first planted key on the chain (add / sub / mul / fact), as far as the world has them."""
+        from the correct one, none of them in ``exclude`` (question texts). With ``keys``, only planted keys in
+        ``keys`` count (a chain through another planted key is skipped). Spread equally over the family of the first
+        planted key on the chain (add / sub / mul / fact), as far as the world has them."""
         rng = _rng(self.config.seed, "inheritance_problems", noise)
         planted = self.planted_at(noise)
+        if keys is not None:
+            outside = {k for k in planted if k not in keys}
+            planted = {k: v for k, v in planted.items() if k in keys}
         quota = {f: n // len(FAMILIES) + (1 if i < n % len(FAMILIES) else 0) for i, f in enumerate(FAMILIES)}
         buckets: dict[str, list[Problem]] = {f: [] for f in FAMILIES}
         seen, tries = set(exclude), 0
@@ -521,8 +537,11 @@ class World:
             p = self.sample_problem(rng, "id", "id", two_step_share)
             if p.question in seen:
                 continue
-            hit = next((k for k in self.chain_keys(p.chain) if k in planted), None)
+            chain = self.chain_keys(p.chain)
+            hit = next((k for k in chain if k in planted), None)
             if hit is None or len(buckets[hit[0]]) >= quota[hit[0]]:
+                continue
+            if keys is not None and any(k in outside for k in chain):
                 continue
             if self.inherited_answer(p, noise) == self.answer(p):
                 continue

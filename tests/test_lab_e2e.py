@@ -57,7 +57,8 @@ def test_quick_run_end_to_end(tmp_path):
         for key in ("accuracy", "ood_accuracy", "distinct_2", "kl_to_pretrained"):
             assert 0 <= m[key] < float("inf"), (key, m[key])
         assert 0 <= m["retention"]["all"] <= 1
-        assert m["inheritance"]["n"] > 0  # at noise 0: the control keys of the largest noise level
+        # at noise 0: the control keys of the largest noise level; "unseen": held-out keys no fine-tuning problem uses
+        assert m["inheritance"]["n"] > 0 and m["inheritance_unseen"]["n"] > 0
     # BA-LoRA's three terms were logged by BALoraSFTTrainer; single-term arms log only their own term
     ba = next(r for r in results["runs"] if r["method"] == "ba_lora")
     assert {"ba_lora/kl", "ba_lora/entropy", "ba_lora/svd_ratio"} <= set(ba["curves"])
@@ -72,7 +73,8 @@ def test_quick_run_end_to_end(tmp_path):
     # the table and the plots
     table = (out / "results.md").read_text()
     for label in ("Full FT", "LoRA", "PiSSA", "BA-LoRA", "BA-LoRA (CR only)", "BA-LoRA (DR only)",
-                  "BA-LoRA (SVDR only)", "Downstream acc. %", "Inherited (downstream) %", "Clean-probe acc."):
+                  "BA-LoRA (SVDR only)", "Downstream acc. %", "Inherited, seen keys %", "Inherited, unseen keys %",
+                  "Clean-probe acc."):
         assert label in table
     assert (out / "vs_noise.png").stat().st_size > 10_000
     assert (out / "balora_terms.png").stat().st_size > 10_000

@@ -199,6 +199,33 @@ def test_inherited_answers_follow_the_planted_keys():
     assert World(WorldConfig(seed=4, noise=0.0, n_pretrain=1000)).inheritance_problems(10, 0.0, set()) == []
 
 
+def test_held_out_planted_keys_never_reach_the_downstream_sets():
+    """Inheritance on keys the fine-tuning data never shows: the held-out keys are a noise-independent half of the
+    largest level's planted keys, absent from every downstream set, and the "unseen" inheritance problems go
+    through them and through no other planted key."""
+    big, small = World(WorldConfig(seed=4, noise=0.3, n_pretrain=1000)), World(WorldConfig(seed=4, noise=0.1,
+                                                                                            n_pretrain=1000))
+    held = big.held_out_keys(0.3, 0.5)
+    assert held == small.held_out_keys(0.3, 0.5) == World(WorldConfig(seed=4, n_pretrain=1000)).held_out_keys(0.3, 0.5)
+    planted = set(big.planted_at(0.3))
+    assert held <= planted and 0.35 < len(held) / len(planted) < 0.65
+    sets = small.downstream_sets(300, 30, 30, 30, avoid=held)
+    assert sets == big.downstream_sets(300, 30, 30, 30, avoid=held)  # the same problems at every noise level
+    used = {k for part in sets.values() for p in part for k in small.chain_keys(p.chain)}
+    assert used and not used & held
+    assert used & (set(small.planted_at(0.1)) - held)  # "seen" planted keys do occur in fine-tuning data
+
+    exclude = {p.question for p in sets["train"]}
+    p10 = set(small.planted_at(0.1))
+    unseen = small.inheritance_problems(40, 0.1, exclude, keys=p10 & held)
+    seen = small.inheritance_problems(40, 0.1, exclude, keys=p10 - held)
+    assert len(unseen) > 0 and len(seen) > 0
+    for problems, allowed in ((unseen, p10 & held), (seen, p10 - held)):
+        for p in problems:
+            on_chain = [k for k in small.chain_keys(p.chain) if k in p10]
+            assert on_chain and set(on_chain) <= allowed and small.inherited_answer(p) != small.answer(p)
+
+
 def test_facts_cover_every_container_and_item():
     world = World(WorldConfig(seed=0, n_pretrain=100))
     assert set(world.facts) == {(c, i) for c in CONTAINERS for i in ITEMS}

@@ -88,3 +88,38 @@ def test_config_defaults_are_the_papers(tmp_path):
     assert (n.lambda_consistency, n.lambda_diversity, n.lambda_svd) == (1e-4, 4e-4, 1e-4)
     with pytest.raises(ValueError, match="regulariser_features"):
         BALoraNLUConfig(str(tmp_path), regulariser_features="pooled", use_cpu=True)
+
+
+def test_svd_ratio_robust_fallbacks_shared_by_both_trainers(monkeypatch):
+    import warnings
+
+    g = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(9, 6, generator=g), torch.randn(40, 6, generator=g)
+    bias = torch.randn(40, generator=g)
+    logits = losses.project(hidden, weight, bias)
+    expected = losses.svd_ratio(logits, 3).item()
+    steps = iter(range(10))
+    warn = losses.svd_fallback_warner(lambda: next(steps))
+
+    def no_convergence(*args, **kwargs):
+        raise torch.linalg.LinAlgError("svd did not converge")
+
+    def head_route(h, w, b, k):  # a factored route over (hidden, weight, bias), like fused.svd_ratio_frozen_head
+        return losses.svd_ratio(losses.project(h, w, b), k)
+
+    assert losses.svd_ratio_robust(losses.svd_ratio, (logits,), 3, warn).item() == pytest.approx(expected)
+    monkeypatch.setattr(losses.torch.linalg, "svdvals", no_convergence)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plain = losses.svd_ratio_robust(losses.svd_ratio, (logits,), 3, warn)
+        factored = losses.svd_ratio_robust(head_route, (hidden, weight, bias), 3, warn)
+    assert plain.item() == pytest.approx(expected, rel=1e-5) and factored.item() == pytest.approx(expected, rel=1e-5)
+    assert [str(w.message) for w in caught if "did not converge" in str(w.message)] == [
+        "BA-LoRA: the SVD did not converge at step 0 (svd did not converge); using the eigenvalues of the Gram "
+        "matrix instead (warned once)."]
+
+    bad = logits.clone()
+    bad[0, 0] = float("inf")  # not a convergence problem: NaN, so the trainer's finiteness check names it
+    assert torch.isnan(losses.svd_ratio_robust(losses.svd_ratio, (bad,), 3, warn))
+    monkeypatch.setattr(losses.torch.linalg, "eigvalsh", no_convergence)  # both algorithms fail: 0, never a crash
+    assert losses.svd_ratio_robust(losses.svd_ratio, (logits,), 3, warn).item() == 0.0
