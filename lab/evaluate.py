@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from balora_trl import losses
 from balora_trl.prompts import DEFAULT
 from eval.tasks.gsm8k import extract_answer as _harness_extract
 from eval.tasks.gsm8k import is_correct as _harness_is_correct
@@ -108,12 +109,7 @@ def planted_probe_rates(model, tokenizer, world: World, probes: list[PretrainExa
     correct = [p.correct for p in probes]
     out = {"inherited": inherited_error_rate(preds, planted, correct),
            "correct": sum(a == c for a, c in zip(preds, correct)) / max(1, len(preds)), "n": len(probes)}
-    for family in FAMILIES:
-        idx = [i for i, p in enumerate(probes) if p.family == family]
-        if idx:
-            out[f"inherited_{family}"] = inherited_error_rate(
-                [preds[i] for i in idx], [planted[i] for i in idx], [correct[i] for i in idx])
-    return out
+    return out | _inherited_by_family([p.family for p in probes], preds, planted, correct)
 
 
 def downstream_predictions(model, tokenizer, problems: list[Problem], max_new_tokens: int, batch_size: int = 100,
@@ -135,9 +131,15 @@ def inheritance_rates(world: World, problems: list[Problem], preds: list[str | N
            "correct": sum(answers_equal(a, c) for a, c in zip(preds, correct)) / max(1, len(problems)),
            "n": len(problems)}
     planted = world.planted_at(noise)
+    families = [next(k for k in world.chain_keys(p.chain) if k in planted)[0] for p in problems]
+    return out | _inherited_by_family(families, preds, inherited, correct)
+
+
+def _inherited_by_family(families: list[str], preds, inherited, correct) -> dict:
+    """``inherited_<family>``: :func:`inherited_error_rate` over the items of each family present."""
+    out = {}
     for family in FAMILIES:
-        idx = [i for i, p in enumerate(problems)
-               if next(k for k in world.chain_keys(p.chain) if k in planted)[0] == family]
+        idx = [i for i, f in enumerate(families) if f == family]
         if idx:
             out[f"inherited_{family}"] = inherited_error_rate(
                 [preds[i] for i in idx], [inherited[i] for i in idx], [correct[i] for i in idx])
@@ -161,18 +163,16 @@ def _solution_batches(tokenizer, world: World, problems: list[Problem], batch_si
 @torch.no_grad()
 def response_kl_and_entropy(model, reference, tokenizer, world: World, problems: list[Problem],
                             batch_size: int = 50) -> dict:
-    """Mean over reference-solution tokens of KL(p_pretrained ‖ p_finetuned) and of the fine-tuned entropy."""
+    """Mean over reference-solution tokens of KL(p_pretrained ‖ p_finetuned) and of the fine-tuned entropy (the
+    trainer's own per-token terms, ``balora_trl.losses``)."""
     model.eval()
     reference.eval()
     kl_sum, ent_sum, count = 0.0, 0.0, 0
     for enc, mask in _solution_batches(tokenizer, world, problems, batch_size):
-        logits = model(**enc).logits[:, :-1].float()
-        ref = reference(**enc).logits[:, :-1].float()
-        logp, logq = torch.log_softmax(logits, -1), torch.log_softmax(ref, -1)
-        kl = (logq.exp() * (logq - logp)).sum(-1)
-        ent = -(logp.exp() * logp).sum(-1)
-        kl_sum += kl[mask].sum().item()
-        ent_sum += ent[mask].sum().item()
+        logits = model(**enc).logits[:, :-1][mask]
+        ref = reference(**enc).logits[:, :-1][mask]
+        kl_sum += losses.token_kl(ref, logits).sum().item()
+        ent_sum += losses.token_entropy(logits).sum().item()
         count += int(mask.sum())
     return {"kl_to_pretrained": kl_sum / max(1, count), "entropy": ent_sum / max(1, count)}
 
@@ -184,8 +184,7 @@ def downstream_loss(model, tokenizer, world: World, problems: list[Problem], bat
     model.eval()
     nll_sum, count = 0.0, 0
     for enc, mask in _solution_batches(tokenizer, world, problems, batch_size):
-        logits = model(**enc).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), enc["input_ids"][:, 1:], reduction="none")
-        nll_sum += nll[mask].sum().item()
+        logits = model(**enc).logits[:, :-1][mask]
+        nll_sum += losses.token_nll(logits, enc["input_ids"][:, 1:][mask]).sum().item()
         count += int(mask.sum())
     return nll_sum / max(1, count)

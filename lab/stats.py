@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Sequence
 
 
@@ -16,9 +17,7 @@ def mean_std(values: Sequence[float]) -> dict:
     n = len(xs)
     if n == 0:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
-    mean = sum(xs) / n
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "std": std, "n": n}
+    return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if n > 1 else 0.0, "n": n}
 
 
 def paired_ci(x: dict, y: dict, confidence: float = 0.95) -> dict:
@@ -34,9 +33,8 @@ def paired_ci(x: dict, y: dict, confidence: float = 0.95) -> dict:
     n = len(diffs)
     if n == 0:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    mean = sum(diffs) / n
+    mean = statistics.fmean(diffs)
     if n < 2:
         return {"mean": mean, "lo": float("nan"), "hi": float("nan"), "n": n}
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}
