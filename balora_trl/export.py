@@ -36,7 +36,7 @@ import torch
 
 from .prompts import FILENAME as PROMPT_TEMPLATE_FILE
 from .prompts import PLACEHOLDER, PromptTemplate
-from .reference import REFERENCE_ADAPTER
+from .reference import REFERENCE_ADAPTER, is_peft_model
 
 BALORA_CONFIG_FILE = "balora_config.json"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -579,12 +579,6 @@ def build_model_card(trainer, model, info: ExportInfo, model_name=None, dataset_
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _is_peft(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
 def _trained_adapter(peft_model) -> str:
     name = peft_model.active_adapter
     if name == REFERENCE_ADAPTER:
@@ -637,7 +631,7 @@ class BALoraSaveMixin:
         self._balora_deferred_pushes: list[str] = []
         self.balora_export_info: ExportInfo | None = None
         model = self.accelerator.unwrap_model(self.model)
-        if _is_peft(model) and rewrites_base_weights(model.peft_config[model.active_adapter]):
+        if is_peft_model(model) and rewrites_base_weights(model.peft_config[model.active_adapter]):
             # The adapter as it starts (before any step): what the PiSSA -> LoRA conversion subtracts. Kept on the
             # CPU (r·(in + out) numbers per layer), also when no `balora_reference` adapter holds it.
             self._balora_initial_state = _adapter_state(model, model.active_adapter)
@@ -707,7 +701,7 @@ class BALoraSaveMixin:
     def _export(self, output_dir: str, state_dict=None) -> ExportInfo:
         """Write the final output (standard adapter or full model, metadata, card) atomically into ``output_dir``."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if _is_peft(model):
+        if is_peft_model(model):
             config, state, info = self._standard_adapter(model, state_dict)
             with atomic_directory(output_dir) as staging:
                 write_adapter(staging, config, state, self._auto_mapping(model))
@@ -728,7 +722,7 @@ class BALoraSaveMixin:
             super()._save(output_dir, state_dict=state_dict)
             if self.args.should_save:
                 model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-                if _is_peft(model) and self._balora_initial_state is not None \
+                if is_peft_model(model) and self._balora_initial_state is not None \
                         and REFERENCE_ADAPTER not in model.peft_config:
                     _save_safetensors(self._balora_initial_state, os.path.join(output_dir, INITIAL_ADAPTER_FILE))
                 _write_json(os.path.join(output_dir, BALORA_CONFIG_FILE),
@@ -739,7 +733,7 @@ class BALoraSaveMixin:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not self.args.should_save:
-            if not _is_peft(model) and getattr(self, "is_distributed_loading_by_transformers", False):
+            if not is_peft_model(model) and getattr(self, "is_distributed_loading_by_transformers", False):
                 super()._save(output_dir, state_dict=state_dict)  # joins the collective gathers; writes nothing
             return
         self._export(output_dir, state_dict)
@@ -752,7 +746,7 @@ class BALoraSaveMixin:
         model = self.accelerator.unwrap_model(self.model)
         info = self.balora_export_info
         if info is None:
-            if _is_peft(model):
+            if is_peft_model(model):
                 config = model.peft_config[_trained_adapter(model)]
                 residual = rewrites_base_weights(config) and not getattr(config, "use_dora", False)
                 info = ExportInfo(kind="lora_adapter", init_lora_weights=config.init_lora_weights,
@@ -815,7 +809,7 @@ class BALoraSaveMixin:
             self._balora_deferred_pushes.append(checkpoint_folder)
             return
         model = self.accelerator.unwrap_model(self.model)
-        config = model.peft_config[_trained_adapter(model)] if _is_peft(model) else None
+        config = model.peft_config[_trained_adapter(model)] if is_peft_model(model) else None
         if config is None or not rewrites_base_weights(config) or getattr(config, "use_dora", False):
             return super()._push_from_checkpoint(checkpoint_folder)
         import transformers.trainer as hf_trainer
@@ -865,7 +859,7 @@ class BALoraSaveMixin:
         target = model if model is not None else self.model
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         peft_model = self.accelerator.unwrap_model(target)
-        if not _is_peft(peft_model):
+        if not is_peft_model(peft_model):
             return
         for name, param in peft_model.named_parameters():  # the Trainer's set_adapter may flip requires_grad
             if f".{REFERENCE_ADAPTER}." in name or name.endswith(f".{REFERENCE_ADAPTER}"):

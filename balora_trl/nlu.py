@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
+import statistics
 import warnings
 from collections import defaultdict
 from contextlib import contextmanager
@@ -59,7 +59,7 @@ from transformers import Trainer, TrainerCallback
 
 from . import losses
 from .config import BALoraNLUConfig
-from .reference import Reference, SeparateModel, build_reference
+from .reference import Reference, SeparateModel, build_reference, is_peft_model
 
 FEATURES_DIR = "features"
 METRIC_PREFIX = "ba_lora/"
@@ -304,12 +304,6 @@ def _problem_type(model) -> str | None:
     return problem
 
 
-def _is_peft(model) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
-
-
 class BALoraTrainer(Trainer):
     """[`~transformers.Trainer`] for ``AutoModelForSequenceClassification`` (+ PEFT) with the BA-LoRA NLU terms.
 
@@ -337,7 +331,7 @@ class BALoraTrainer(Trainer):
         if peft_config is not None:
             from peft import get_peft_model
 
-            if _is_peft(model):
+            if is_peft_model(model):
                 raise ValueError("`model` is already a PEFT model; do not pass `peft_config` too.")
             peft_config = copy.deepcopy(peft_config)
             if getattr(peft_config, "task_type", None) is None:
@@ -568,10 +562,7 @@ def mean_std(values) -> tuple[float, float]:
     values = [float(v) for v in values]
     if not values:
         return float("nan"), float("nan")
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 # --------------------------------------------------------------------------------------------------------------

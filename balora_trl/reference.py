@@ -26,11 +26,10 @@ from torch import nn
 REFERENCE_ADAPTER = "balora_reference"
 
 
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a core dependency
-        return False
+def is_peft_model(model) -> bool:
+    """``model`` is a PEFT model (adapters, a reference adapter to switch to); the trainers and the export use this."""
+    from peft import PeftModel
+
     return isinstance(model, PeftModel)
 
 
@@ -174,7 +173,7 @@ def build_reference(model: nn.Module, ref_model: nn.Module | str | None = None, 
             kwargs.setdefault("dtype", next(model.parameters()).dtype)
             ref_model = AutoModelForCausalLM.from_pretrained(ref_model, **kwargs)
         return SeparateModel(ref_model)
-    if _is_peft(model):
+    if is_peft_model(model):
         config = model.peft_config[model.active_adapter]
         if config.is_prompt_learning:
             raise ValueError(

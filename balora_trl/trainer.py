@@ -18,7 +18,6 @@ the forward, where FSDP / ZeRO-3 have the LM-head weight gathered. No [batch, se
 from __future__ import annotations
 
 import functools
-import math
 import types
 import warnings
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from trl import SFTTrainer
 from . import losses
 from .config import BALoraConfig
 from .export import BALoraSaveMixin
-from .reference import Reference, build_reference
+from .reference import Reference, build_reference, is_peft_model
 
 try:  # gathers a ZeRO-3-partitioned head for the duration of the head computation
     from trl.trainer.utils import maybe_gather_lm_head_ctx
@@ -148,7 +147,7 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
 
         needs_reference = self.args.lambda_consistency > 0
         self.reference: Reference | None = None
-        if needs_reference or ref_model is not None or self._is_peft():
+        if needs_reference or ref_model is not None or is_peft_model(self.model):
             # With PEFT the reference is at most a copy of the (small) initial adapter; it is also what the
             # PiSSA -> LoRA conversion at save time starts from, so it is kept even when λ1 = 0.
             self.reference = build_reference(self.model, ref_model, self.args.model_init_kwargs)
@@ -162,11 +161,6 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
     # ----------------------------------------------------------------------------------------------------------
     # set-up helpers
     # ----------------------------------------------------------------------------------------------------------
-
-    def _is_peft(self) -> bool:
-        from peft import PeftModel
-
-        return isinstance(self.model, PeftModel)
 
     def _prepare_reference_model(self, ref_model):
         """Place a separate reference like TRL's trainers do: sharded under ZeRO-3 / FSDP, else on the device."""
@@ -182,7 +176,7 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
 
     def _causal_lm(self):
         """The transformers model (inside the PEFT wrapper, if any) whose forward is patched."""
-        return self.model.get_base_model() if self._is_peft() else self.model
+        return self.model.get_base_model() if is_peft_model(self.model) else self.model
 
     def _shares_head(self) -> bool:
         """Reference and policy use the very same frozen LM head, so the reference only needs hidden states."""
