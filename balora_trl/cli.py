@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ACCELERATE_CONFIGS = REPO_ROOT / "configs" / "accelerate"
 
 USAGE = """\
-balora <command> [options]
+balora [--debug] <command> [options]
 
 BA-LoRA (Bias-Alleviating Low-Rank Adaptation, arXiv 2408.04556) fine-tuning with TRL.
 
@@ -38,9 +38,11 @@ commands:
           --field value; `balora train --help` lists them.
   env     Print versions, the device, and which optional extras are usable.
   merge   Merge an adapter into its base model (balora_trl.export).
+  pissa-init  Compute PiSSA once: a residual model + pissa_init/ adapter to train from (balora_trl.pissa_init).
   eval    Evaluate a trained adapter or merged model (eval.cli).
 
-Run `balora <command> --help` for a command's options.
+Run `balora <command> --help` for a command's options. A mistake in the arguments or the data ends in one
+`error: ...` line (exit code 2); `balora --debug <command>` (or BALORA_DEBUG=1) shows the traceback.
 """
 
 
@@ -92,7 +94,11 @@ def train(argv: list[str], launch=None) -> int:
     script, training, model, config_remaining, cli_remaining = parse_args(
         argv, prog="balora train", return_remaining_strings=True, separate_remaining_strings=True
     )
-    check(model, training, parse_init_lora_weights(script.init_lora_weights) if model.use_peft else None)
+    from .pissa_init import find_pissa_init  # a pre-initialised PiSSA runs no SVD (QPiSSA may be 4-bit)
+
+    pre_initialised = find_pissa_init(model.model_name_or_path, script.pissa_init) is not None
+    check(model, training, parse_init_lora_weights(script.init_lora_weights)
+          if model.use_peft and not pre_initialised else None)
     launch_args = _resolve_accelerate_config(config_remaining + cli_remaining)
     # What is left must be accelerate's: anything else is a misspelt field.
     _, unknown = launch_command_parser().parse_known_args(launch_args + ["-m", "balora_trl.sft"])
@@ -179,10 +185,34 @@ def _delegate(command: str, module: str, attr: str, argv: list[str]) -> int:
     return int(target(argv) or 0)
 
 
+def _launch_exit_code(error: BaseException) -> int | None:
+    """The exit code of a launched job that failed (one process: CalledProcessError; several: torch's
+    ChildFailedError), or None for any other error. The job has already printed its own error."""
+    import subprocess
+
+    if isinstance(error, subprocess.CalledProcessError):
+        return error.returncode or 1
+    if type(error).__name__ == "ChildFailedError" and hasattr(error, "get_first_failure"):
+        return error.get_first_failure()[1].exitcode or 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .preflight import PreflightError
+    """Dispatch ``balora COMMAND``. A user's mistake (`USER_ERRORS`: a bad value, file or configuration) ends in one
+    ``error: ...`` line on stderr and exit code 2; ``balora --debug COMMAND`` or BALORA_DEBUG=1 shows the traceback."""
+    from .preflight import USER_ERRORS, report_user_error
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--debug"]:
+        previous = os.environ.get("BALORA_DEBUG")
+        os.environ["BALORA_DEBUG"] = "1"  # inherited by the processes `balora train` launches
+        try:
+            return main(argv[1:])
+        finally:
+            if previous is None:
+                del os.environ["BALORA_DEBUG"]
+            else:
+                os.environ["BALORA_DEBUG"] = previous
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
@@ -197,13 +227,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command == "merge":
             return _delegate("merge", "balora_trl.export", "merge_cli", rest)
+        if command == "pissa-init":
+            return _delegate("pissa-init", "balora_trl.pissa_init", "main", rest)
         if command == "eval":
             return _delegate("eval", "eval.cli", "main", rest)
-    except (ValueError, PreflightError) as error:  # configuration mistakes: say what is wrong, no traceback
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except __import__("subprocess").CalledProcessError as error:
-        return error.returncode or 1
+    except USER_ERRORS as error:
+        return report_user_error(error)
+    except Exception as error:
+        code = _launch_exit_code(error)
+        if code is None:
+            raise
+        return code
     print(f"error: unknown command {command!r}.\n\n{USAGE}", file=sys.stderr)
     return 2
 

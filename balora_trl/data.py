@@ -34,6 +34,9 @@ as ``prompt_template.json`` with the adapter, so evaluation prompts the model th
 
 from __future__ import annotations
 
+import gzip
+import json
+import logging
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -67,8 +70,9 @@ class DatasetFormatError(ValueError):
     """The dataset's columns or rows do not fit any supported format."""
 
 
-class DatasetLoadError(RuntimeError):
-    """A dataset name that is neither a local path nor loadable from the Hub."""
+class DatasetLoadError(ValueError):
+    """A dataset that cannot be read: a missing or empty local file, a line that is not JSON, or a name that is
+    neither a local path nor loadable from the Hub."""
 
 
 @dataclass(frozen=True)
@@ -110,9 +114,11 @@ def supported_formats() -> str:
 
 
 def _format_error(message: str, columns: Sequence[str]) -> DatasetFormatError:
+    """One line: what is wrong, the columns found, and every supported format with its columns."""
+    formats = "; ".join(f"{f.name} ({', '.join(f.columns)})" for f in FORMATS.values())
     return DatasetFormatError(
-        f"{message}\nColumns found: {sorted(columns)}\nSupported formats (set `dataset_format` to force one):\n"
-        f"{supported_formats()}"
+        f"{message} Columns found: {sorted(columns)}. Supported formats (set `dataset_format` to force one): "
+        f"{formats}."
     )
 
 
@@ -345,6 +351,116 @@ def _local_split(split: str) -> str:
     return split
 
 
+def _open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.lower().endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _check_not_empty(path: str) -> None:
+    """An empty (or blank) file: `datasets` would fail on it with a bare ``StopIteration`` from its JSON reader."""
+    if os.path.getsize(path) > 0:
+        if path.lower().endswith(".parquet"):
+            return
+        try:
+            with _open_text(path) as f:
+                for chunk in iter(lambda: f.read(1 << 16), ""):
+                    if chunk.strip():
+                        return
+        except (UnicodeDecodeError, OSError):  # not text: the reader says what is wrong
+            return
+    raise DatasetLoadError(f"{path} is empty.")
+
+
+def _json_problem(path: str) -> str | None:
+    """The first thing in a JSON Lines (or JSON) file that `datasets` cannot read, as one line naming the file and
+    the line, or None when the file is well-formed JSON. Only called after a load failed: `datasets` reads with
+    pyarrow, whose messages ("changed from string to object in row 6") name neither the file nor the line."""
+    try:
+        with _open_text(path) as f:
+            text = f.read()
+    except UnicodeDecodeError as error:
+        return f"{path} is not UTF-8 text (byte {error.start}: {error.reason})."
+    lines = text.split("\n")  # not splitlines(): JSON strings may hold U+2028 and friends unescaped
+    first = next((line for line in lines if line.strip()), "")
+    if not path.lower().endswith((".jsonl", ".jsonl.gz")):
+        try:  # a .json file holds one document, or is JSON Lines after all
+            json.loads(first)
+        except json.JSONDecodeError:
+            try:
+                json.loads(text)
+            except json.JSONDecodeError as error:
+                return f"{path}, line {error.lineno}: not valid JSON ({error.msg}, column {error.colno})."
+            return None
+    try:
+        for _ in json_lines(path, lines):
+            pass
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def json_lines(path: str, lines):
+    """The rows (dicts) of JSON Lines text ``lines``, skipping blank lines; the first bad line is a ``ValueError``
+    naming ``path`` and its line number (shared with the evaluation harness's reader, eval/data.py)."""
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}, column {error.colno}).") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}, line {number}: a JSON {type(value).__name__}, but each line must be one "
+                             'object (one row: {"column": value, ...}).')
+        yield value
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: " + " ".join(str(error).split())
+
+
+def _load_files(builder: str, data_files, files: list[str], split: str, **kwargs):
+    """`datasets.load_dataset` on local files, with one-line errors that name the file (and line) at fault."""
+    import datasets
+
+    for file in files:
+        _check_not_empty(file)
+    # Its JSON reader logs pyarrow's message ("... in row 5") before failing; ours below names the file and line.
+    reader_log = logging.getLogger("datasets.packaged_modules.json.json")
+    level = reader_log.level
+    reader_log.setLevel(logging.CRITICAL)
+    try:
+        loaded = datasets.load_dataset(builder, data_files=data_files, split=split, **kwargs)
+    except Exception as error:  # noqa: BLE001 - re-raised naming the file, and the line when it is JSON
+        if builder == "json":
+            for file in files:
+                problem = _json_problem(file)
+                if problem:
+                    raise DatasetLoadError(problem) from error
+        if "corresponds to no data" in str(error):  # datasets' words for a split with no rows (a CSV header only)
+            raise DatasetLoadError(f"{', '.join(files)} holds no rows.") from error
+        # datasets wraps the reader's own error in a generic DatasetGenerationError: report the reader's
+        raise DatasetLoadError(f"Could not read {', '.join(files)}: {_one_line(error.__cause__ or error)}") from error
+    finally:
+        reader_log.setLevel(level)
+    if len(loaded) == 0:
+        raise DatasetLoadError(f"{', '.join(files)} holds no rows.")
+    return loaded
+
+
+def _existing_files(data_files) -> list[str]:
+    """The local files among ``data_files`` (a path, a list, or a {split: path(s)} dict); a plain path that does not
+    exist is an error, a glob pattern or URL is left to `datasets`."""
+    values = data_files.values() if isinstance(data_files, dict) else [data_files]
+    entries = [e for v in values for e in (v if isinstance(v, (list, tuple)) else [v])]
+    files = []
+    for entry in map(str, entries):
+        if os.path.isfile(os.path.expanduser(entry)):
+            files.append(os.path.expanduser(entry))
+        elif not any(c in entry for c in "*?[") and "://" not in entry:
+            raise DatasetLoadError(f"No such dataset file: {entry}")
+    return files
+
+
 def load_dataset_any(
     name_or_path: str | None,
     split: str = "train",
@@ -353,7 +469,10 @@ def load_dataset_any(
     data_files: str | Sequence[str] | dict | None = None,
 ):
     """Load one split from a Hub dataset id, a local file (jsonl, json, parquet, csv, tsv), a local folder of such
-    files, or a folder written by ``Dataset.save_to_disk``."""
+    files, or a folder written by ``Dataset.save_to_disk``.
+
+    Raises `DatasetLoadError` (a ValueError), in one line, for a missing or empty file, a JSON line that does not
+    parse (the file and the line number), or a name neither on disk nor on the Hub."""
     import datasets
 
     if name_or_path is None and data_files is None:
@@ -363,17 +482,20 @@ def load_dataset_any(
     if path is not None and os.path.isfile(path):
         builder = _builder_for(path)
         kwargs = {"delimiter": "\t"} if path.lower().endswith(".tsv") else {}
-        return datasets.load_dataset(builder, data_files=path, split=_local_split(split), **kwargs)
+        return _load_files(builder, path, [path], _local_split(split), **kwargs)
     if path is None:  # only data_files
-        files = data_files if isinstance(data_files, (list, tuple)) else (
+        files = _existing_files(data_files)
+        entries = data_files if isinstance(data_files, (list, tuple)) else (
             next(iter(data_files.values())) if isinstance(data_files, dict) else [data_files])
-        first = files[0] if isinstance(files, (list, tuple)) else files
-        return datasets.load_dataset(_builder_for(str(first)), data_files=data_files, split=split)
+        first = entries[0] if isinstance(entries, (list, tuple)) else entries
+        return _load_files(_builder_for(str(first)), data_files, files, split)
     if os.path.isdir(path):
         if any(os.path.isfile(os.path.join(path, f)) for f in ("dataset_info.json", "dataset_dict.json")):
             loaded = datasets.load_from_disk(path)
             return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
         return datasets.load_dataset(path, name=config, data_dir=data_dir, data_files=data_files, split=split)
+    if path.lower().endswith(tuple(_LOCAL_BUILDERS)):  # a file name, not a Hub id
+        raise DatasetLoadError(f"No such dataset file: {path}")
     try:
         return datasets.load_dataset(path, name=config, data_dir=data_dir, data_files=data_files, split=split)
     except Exception as error:  # noqa: BLE001 - re-raised with what to check
@@ -381,7 +503,7 @@ def load_dataset_any(
         hint = " The Hub is switched off here (HF_HUB_OFFLINE=1)." if offline else ""
         raise DatasetLoadError(
             f"Could not load dataset {name_or_path!r}: it is not a local file or folder, so it was looked up on the "
-            f"Hugging Face Hub, which failed.{hint} ({type(error).__name__}: {error})"
+            f"Hugging Face Hub, which failed.{hint} ({_one_line(error)})"
         ) from error
 
 

@@ -353,6 +353,7 @@ def fused_head_terms(
     labels: torch.Tensor,
     *,
     ref_hidden: torch.Tensor | None = None,
+    kl_mask: torch.Tensor | None = None,
     temperature: float = 1.0,
     entropy: bool = False,
     chunk_tokens: int | None = None,
@@ -368,6 +369,9 @@ def fused_head_terms(
         labels: [N] next tokens; ``-100`` rows get nll 0 and no nll gradient (like ``F.cross_entropy``).
         ref_hidden: [N, d] the reference's hidden states at the same positions, or None (no KL). It carries no
             gradient: the reference distribution is a constant of the loss.
+        kl_mask: optional bool [N], the positions whose KL is computed (label-consistent anchoring: the rows where
+            :func:`reference_top1` equals the label). The KL is 0 with no gradient elsewhere, and the reference
+            rows of those positions are never projected; with no position set, no reference-head work at all.
         temperature: T of both distributions in the KL (NLL and entropy are at T = 1, as in ``losses``).
         entropy: whether to return the entropy.
         chunk_tokens, chunk_vocab: tile shape (default: :func:`default_chunks` for the device).
@@ -384,6 +388,9 @@ def fused_head_terms(
         Equal to ``losses.head_terms(hidden, weight, bias, labels, ref_logits=losses.project(ref_hidden, weight,
         bias), temperature=temperature, entropy=entropy)`` within floating-point tolerance.
     """
+    # Every option but the row-aligned tensors, forwarded unchanged when `kl_mask` splits the rows.
+    options = {k: v for k, v in locals().items() if k not in ("hidden", "weight", "bias", "labels", "ref_hidden",
+                                                                "kl_mask")}
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"Expected hidden [N, d] and weight [V, d], got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}.")
@@ -403,11 +410,83 @@ def fused_head_terms(
         raise ValueError(f"labels must be in [0, {weight.shape[0]}) or {IGNORE_INDEX}.")
     if ref_hidden is not None:
         ref_hidden = ref_hidden.detach()
+        if kl_mask is not None:
+            if kl_mask.shape != labels.shape:
+                raise ValueError(f"kl_mask must be [N] = [{hidden.shape[0]}], got {tuple(kl_mask.shape)}.")
+            kl_mask = kl_mask.to(device=hidden.device, dtype=torch.bool)
+            if not bool(kl_mask.all()):
+                return _masked_kl_terms(hidden, weight, bias, labels, ref_hidden, kl_mask, options)
     nll, kl, ent = _FusedHeadTerms.apply(
         hidden, weight, bias, labels, ref_hidden, float(temperature), bool(entropy), chunk_tokens, chunk_vocab,
         bool(recompute), None if grad_weights is None else tuple(float(w) for w in grad_weights),
     )
     return nll, (kl if ref_hidden is not None else None), (ent if entropy else None)
+
+
+def _masked_kl_terms(hidden, weight, bias, labels, ref_hidden, kl_mask, options):
+    """:func:`fused_head_terms` with the KL at the ``kl_mask`` rows only: the anchored rows go through one call with
+    their reference rows, the others through one without a reference, and the per-token results are put back in
+    place (differentiably). No anchored row: the single call has no reference and the KL is 0."""
+    free = (~kl_mask).nonzero().squeeze(1)
+    anchored = kl_mask.nonzero().squeeze(1)
+    if anchored.numel() == 0:
+        nll, _, ent = fused_head_terms(hidden, weight, bias, labels, **options)
+        return nll, nll.new_zeros(nll.shape), ent
+    a = fused_head_terms(hidden[anchored], weight, bias, labels[anchored], ref_hidden=ref_hidden[anchored], **options)
+    b = fused_head_terms(hidden[free], weight, bias, labels[free], **options)
+    n = hidden.shape[0]
+
+    def place(value_a, value_b):
+        if value_a is None and value_b is None:
+            return None
+        template = value_a if value_a is not None else value_b
+        out = template.new_zeros(n)
+        for rows, value in ((anchored, value_a), (free, value_b)):
+            if value is not None:
+                out = out.index_put((rows,), value)
+        return out
+
+    return place(a[0], b[0]), place(a[1], None), place(a[2], b[2])
+
+
+def _logit_tiles(hidden, weight, bias, chunk_tokens, chunk_vocab):
+    """For each token tile: (t0, t1, its vocabulary tiles), these an iterator of (v0, z = h·W[v0:v0+cv]ᵀ + b) in
+    the compute dtype. The building block of the tiled searches below (no gradient: call it under no_grad)."""
+    dtype = _compute_dtype(hidden, weight)
+    default_t, default_v = default_chunks(hidden.device)
+    ct, cv = max(1, chunk_tokens or default_t), max(1, chunk_vocab or default_v)
+
+    def vocab_tiles(h):
+        for v0 in range(0, weight.shape[0], cv):
+            z = h @ weight[v0:v0 + cv].to(dtype).t()
+            if bias is not None:
+                z += bias[v0:v0 + cv].to(dtype)
+            yield v0, z
+
+    for t0 in range(0, hidden.shape[0], ct):
+        h = hidden[t0:t0 + ct].to(dtype)
+        yield t0, t0 + h.shape[0], vocab_tiles(h)
+
+
+def reference_top1(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                   chunk_tokens: int | None = None, chunk_vocab: int | None = None) -> torch.Tensor:
+    """argmax_v (hidden·Wᵀ + b)[t, v] per row [N] (long), in token × vocabulary tiles: a running maximum and its
+    index across the tiles, never the [N, V] logits. Ties go to the first maximal index, like ``torch.argmax``
+    (a later tile replaces the running index only when strictly larger). No gradient."""
+    top = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False), torch.no_grad():
+        for t0, t1, tiles in _logit_tiles(hidden, weight, bias, chunk_tokens, chunk_vocab):
+            best = idx = None
+            for v0, z in tiles:
+                tile_best, tile_idx = z.max(1)
+                if best is None:
+                    best, idx = tile_best, tile_idx
+                else:
+                    better = tile_best > best
+                    best = torch.where(better, tile_best, best)
+                    idx = torch.where(better, tile_idx + v0, idx)
+            top[t0:t1] = idx
+    return top
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -463,16 +542,18 @@ def head_triangular_factor(weight: torch.Tensor, bias: torch.Tensor | None = Non
 
 
 def svd_ratio_frozen_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, *,
-                          float64: bool = False) -> torch.Tensor:
-    """Σ_{i≤k} σ_i / Σ_j σ_j of Z = hidden·Wᵀ + b [N, V], exactly, without Z.
+                          float64: bool = False, normalizer: str = "sum") -> torch.Tensor:
+    """Σ_{i≤k} σ_i / Σ_j σ_j (or / ‖Z‖_F, ``normalizer="frobenius"``) of Z = hidden·Wᵀ + b [N, V], exactly,
+    without Z.
 
     With [W | b] = Q·R (Q orthonormal columns), Z = [hidden | 1]·Rᵀ·Qᵀ has the singular values of the
     [N, d+1] matrix [hidden | 1]·Rᵀ, so the SVD costs O(N·d·min(N, d)) instead of O(N·V·min(N, V)).
+    These are *all* of Z's non-zero singular values, so ‖Z‖_F = (Σ_j σ_j²)^½ comes out exactly too.
     Differentiable w.r.t. ``hidden``. A head that requires grad is not frozen: the plain path is used.
-    Equal to ``losses.svd_ratio(losses.project(hidden, weight, bias), k)``.
+    Equal to ``losses.svd_ratio(losses.project(hidden, weight, bias), k, normalizer)``.
     """
     if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return losses.svd_ratio(losses.project(hidden, weight, bias), k)
+        return losses.svd_ratio(losses.project(hidden, weight, bias), k, normalizer)
     dtype = torch.float64 if (float64 or hidden.dtype == torch.float64) else torch.float32
     r = head_triangular_factor(weight, bias, dtype=dtype)
     with torch.autocast(hidden.device.type, enabled=False):
@@ -480,8 +561,123 @@ def svd_ratio_frozen_head(hidden: torch.Tensor, weight: torch.Tensor, bias: torc
         if bias is not None:
             h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
         sigma = torch.linalg.svdvals(h @ r.t().to(h.device))
-    ratio = losses.top_k_ratio(sigma, k)
+    ratio = losses.top_k_ratio(sigma, k, normalizer)
     return ratio if float64 or hidden.dtype == torch.float64 else ratio.float()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the release's top-k entropy, and the reference's entropy (adaptive λ1)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def topk_indices(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, *,
+                 chunk_tokens: int | None = None, chunk_vocab: int | None = None) -> torch.Tensor:
+    """Indices [N, k] of each row's k largest logits of hidden·Wᵀ + b, in token × vocabulary tiles: a running
+    top-k merged with each tile's top-k, never the [N, V] logits. No gradient."""
+    k = min(int(k), weight.shape[0])
+    out = torch.empty(hidden.shape[0], k, dtype=torch.long, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False), torch.no_grad():
+        for t0, t1, tiles in _logit_tiles(hidden, weight, bias, chunk_tokens, chunk_vocab):
+            best = idx = None
+            for v0, z in tiles:
+                tile_best, tile_idx = z.topk(min(k, z.shape[1]), dim=1)
+                tile_idx += v0
+                if best is not None:
+                    tile_best, pick = torch.cat([best, tile_best], 1).topk(k, dim=1)
+                    tile_idx = torch.cat([idx, tile_idx], 1).gather(1, pick)
+                best, idx = tile_best, tile_idx
+            out[t0:t1] = idx
+    return out
+
+
+class _GatheredLogits(torch.autograd.Function):
+    """z[n, j] = hidden[n]·W[idx[n, j]] + b[idx[n, j]]: a few logits per row, with gradients, in token blocks
+    (the [block, k, d] gathered rows are never all alive at once)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, idx, chunk):
+        dtype = _compute_dtype(hidden, weight)
+        out = torch.empty(idx.shape, device=hidden.device, dtype=dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for t0 in range(0, hidden.shape[0], chunk):
+                rows = idx[t0:t0 + chunk]
+                z = torch.einsum("nkd,nd->nk", weight[rows].to(dtype), hidden[t0:t0 + chunk].to(dtype))
+                out[t0:t0 + chunk] = z if bias is None else z + bias[rows].to(dtype)
+        ctx.save_for_backward(hidden, weight, bias, idx)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        hidden, weight, bias, idx = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        dtype, chunk = ctx.dtype, ctx.chunk
+        grad = grad.to(dtype)
+        grad_h = torch.empty(hidden.shape, device=hidden.device, dtype=dtype) if need_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=dtype) if need_w else None
+        grad_b = torch.zeros(bias.shape, device=bias.device, dtype=dtype) if need_b else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for t0 in range(0, hidden.shape[0], chunk):
+                rows, g = idx[t0:t0 + chunk], grad[t0:t0 + chunk]
+                if grad_h is not None:
+                    grad_h[t0:t0 + chunk] = torch.einsum("nk,nkd->nd", g, weight[rows].to(dtype))
+                if grad_w is not None:
+                    outer = g.unsqueeze(2) * hidden[t0:t0 + chunk].to(dtype).unsqueeze(1)
+                    grad_w.index_add_(0, rows.reshape(-1), outer.reshape(-1, weight.shape[1]))
+                if grad_b is not None:
+                    grad_b.index_add_(0, rows.reshape(-1), g.reshape(-1))
+        return (None if grad_h is None else grad_h.to(hidden.dtype),
+                None if grad_w is None else grad_w.to(weight.dtype),
+                None if grad_b is None else grad_b.to(bias.dtype), None, None)
+
+
+def fused_topk_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, *,
+                       chunk_tokens: int | None = None, chunk_vocab: int | None = None) -> torch.Tensor:
+    """Per-row H(softmax(z_topk)) of z = hidden·Wᵀ + b, the release's top-k entropy, without [N, V] logits.
+
+    One no-grad pass over the vocabulary finds each row's k largest logits (:func:`topk_indices`); those k logits
+    are recomputed with gradients (:class:`_GatheredLogits`), so the backward touches k rows of W per token, not V.
+    Equal to ``losses.token_entropy_topk(losses.project(hidden, weight, bias), k)``, gradients included.
+    """
+    idx = topk_indices(hidden, weight, bias, k, chunk_tokens=chunk_tokens, chunk_vocab=chunk_vocab)
+    chunk = max(1, chunk_tokens or default_chunks(hidden.device)[0])
+    return losses.token_entropy(_GatheredLogits.apply(hidden, weight, bias, idx, chunk))
+
+
+def fused_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                  temperature: float = 1.0, chunk_tokens: int | None = None,
+                  chunk_vocab: int | None = None) -> torch.Tensor:
+    """Per-row H(softmax((hidden·Wᵀ + b) / T)) by an online log-sum-exp over vocabulary tiles; no gradient.
+
+    With m the running maximum of z/T, s = Σ e^{z/T − m} and u = Σ e^{z/T − m}·(z/T − m): H = log s − u / s
+    (rescaled by e^{m_old − m_new} when the maximum moves). The adaptive λ1 uses it on the reference rows.
+    """
+    dtype = _compute_dtype(hidden, weight)
+    default_t, default_v = default_chunks(hidden.device)
+    ct, cv = max(1, chunk_tokens or default_t), max(1, chunk_vocab or default_v)
+    out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+    with torch.autocast(hidden.device.type, enabled=False), torch.no_grad():
+        for t0 in range(0, hidden.shape[0], ct):
+            h = hidden[t0:t0 + ct].to(dtype)
+            m = s = u = None
+            for v0 in range(0, weight.shape[0], cv):
+                z = h @ weight[v0:v0 + cv].to(dtype).t()
+                if bias is not None:
+                    z += bias[v0:v0 + cv].to(dtype)
+                z /= temperature
+                new_m = z.amax(1) if m is None else torch.maximum(m, z.amax(1))
+                z -= new_m.unsqueeze(1)
+                e = torch.exp(z)
+                tile_s, tile_u = e.sum(1), (e * z).sum(1)
+                if m is None:
+                    s, u = tile_s, tile_u
+                else:
+                    delta = m - new_m  # ≤ 0: the old sums are relative to the old maximum
+                    rho = torch.exp(delta)
+                    s, u = s * rho + tile_s, (u + delta * s) * rho + tile_u
+                m = new_m
+            out[t0:t0 + ct] = torch.log(s) - u / s
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -503,7 +699,9 @@ def head_supports_fused(model) -> tuple[bool, str]:
     """(True, "") if ``model``'s output head is a plain frozen ``nn.Linear`` whose output is the logits as they are.
 
     Otherwise (False, reason): no output embeddings, a wrapped/quantised/adapted head (PEFT LoRA on lm_head,
-    modules_to_save, bitsandbytes), a trainable weight or bias, or a config that scales or soft-caps the logits.
+    modules_to_save, bitsandbytes), a trainable weight or bias, a config that scales or soft-caps the logits, or a
+    forward that does anything between the backbone, the head and the logits (probed by running the model's own
+    code, :func:`balora_trl.trainer.own_logits_are_head_output`: this catches what no known config field names).
     """
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -520,13 +718,18 @@ def head_supports_fused(model) -> tuple[bool, str]:
             value = getattr(text_config, name, None)
             if value not in neutral:
                 return False, f"the model transforms its logits (`{name}={value}`)"
-    return True, ""
+    from .trainer import own_logits_are_head_output
+
+    return own_logits_are_head_output(model)
 
 
 __all__ = [
     "default_chunks",
+    "fused_entropy",
     "fused_head_terms",
+    "fused_topk_entropy",
     "head_supports_fused",
     "head_triangular_factor",
+    "reference_top1",
     "svd_ratio_frozen_head",
 ]

@@ -29,6 +29,10 @@ features D = 1, so diversity is 0 by definition (no off-diagonal entry), the SVD
 flipped), piecewise constant with zero gradient. All three terms are inert there; use ``regulariser_features="hidden"``
 for regression (the trainer warns).
 
+``BALoraNLUConfig.consistency_examples="label_consistent"`` (our extension, not the paper's) keeps eq. 5 only for the
+examples whose reference prediction is the label, still divided by M; it needs a reference classifier that already
+knows the labels (see the config's docstring) and single-label classification.
+
 Gradient accumulation: the task loss is the model's per-micro-batch mean and every regulariser a per-micro-batch
 statistic; the Trainer divides their sum by the accumulation steps, so each term is the mean over micro-batches.
 (Eqs. 6-8 are batch statistics: their value depends on the micro-batch size M, as in the paper.)
@@ -57,7 +61,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from . import losses
+from . import losses, schedules
 from .config import BALoraNLUConfig
 from .reference import Reference, SeparateModel, build_reference, is_peft_model
 
@@ -339,6 +343,10 @@ class BALoraTrainer(Trainer):
             model = get_peft_model(model, peft_config)
         self.num_labels = _num_labels(model)
         self.problem_type = _problem_type(model)
+        if args.consistency_examples == "label_consistent" and (self.num_labels == 1 or self.problem_type in (
+                "regression", "multi_label_classification")):
+            raise ValueError("`consistency_examples='label_consistent'` needs single-label classification (a predicted "
+                             f"class to compare with the label); this model's problem_type is {self.problem_type!r}.")
         for split_name, dataset in (("train_dataset", kwargs.get("train_dataset", pargs[1] if len(pargs) > 1 else None)),
                                     ("eval_dataset", kwargs.get("eval_dataset"))):
             self._validate_dataset(dataset, split_name)
@@ -393,7 +401,8 @@ class BALoraTrainer(Trainer):
             validate_labels(ds, self.num_labels, label_column=label, name=split_name)
 
     def _svd(self, matrix: torch.Tensor) -> torch.Tensor:
-        return losses.svd_ratio_robust(losses.svd_ratio, (matrix,), self.args.svd_top_k, self._on_svd_fallback)
+        return losses.svd_ratio_robust(losses.svd_ratio, (matrix,), self.args.svd_top_k, self._on_svd_fallback,
+                                       self.args.svd_normalizer)
 
     def _features(self, tap: FeatureTap | None, outputs, inputs) -> torch.Tensor:
         if self.args.regulariser_features == "hidden":
@@ -409,21 +418,29 @@ class BALoraTrainer(Trainer):
             with tap.capture():
                 yield tap
 
-    def reference_features(self, model, inputs) -> torch.Tensor:
-        """F_p for ``inputs``: the reference forward (eval mode, no grad), logits or pooled features."""
+    def reference_features(self, model, inputs, with_logits: bool = False):
+        """F_p for ``inputs``: the reference forward (eval mode, no grad), logits or pooled features; with
+        ``with_logits``, (F_p, the reference's logits)."""
         model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         tap = self._ref_tap if isinstance(self.reference, SeparateModel) else self._tap
         with self._maybe_capture(tap if self.args.regulariser_features == "hidden" else None):
             with self.reference.activate(self._unwrapped()):
                 out = self.reference.model(model)(**model_inputs)
-            return self._features(tap, out, inputs).detach()
+            features = self._features(tap, out, inputs).detach()
+        if not with_logits:
+            return features
+        return features, (out["logits"] if isinstance(out, dict) else out[0]).detach()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.args
         mode = "train" if self.model.training else "eval"
         _check_batch_labels(inputs.get("labels"), self.num_labels, self.problem_type)
 
-        ref_features = self.reference_features(model, inputs) if cfg.lambda_consistency > 0 else None
+        ref_features = anchored = None
+        if cfg.lambda_consistency > 0:  # label-consistent anchoring (our extension): a_m = 1[argmax z_ref,m = y_m]
+            ref_features, ref_logits = self.reference_features(model, inputs, with_logits=True)
+            if cfg.consistency_examples == "label_consistent":
+                anchored = ref_logits.reshape(ref_logits.shape[0], -1).argmax(-1) == inputs["labels"].reshape(-1)
         tap = self._tap if cfg.regulariser_features == "hidden" else None
         with self._maybe_capture(tap):
             task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True,
@@ -432,26 +449,37 @@ class BALoraTrainer(Trainer):
 
         terms = {"task_loss": task_loss}
         raw = {}
+        # λ1(t), λ2(t), λ3(t): constant over the micro-batches of an optimizer step (balora_trl.schedules)
+        lambda1, lambda2, lambda3 = schedules.scheduled_lambdas(cfg, self.state.global_step, self.state.max_steps)
+        if mode == "train":
+            for name, value in (("consistency", lambda1), ("diversity", lambda2), ("svd", lambda3)):
+                self._metrics[mode][f"{METRIC_PREFIX}lambda_{name}"].append(value)
         if ref_features is not None:
-            raw["consistency"] = losses.nlu_consistency(ref_features, features)
-            terms["consistency"] = cfg.lambda_consistency * raw["consistency"]
+            raw["consistency"] = losses.nlu_consistency(ref_features, features, anchored)
+            if anchored is not None:
+                raw["anchored_fraction"] = anchored.float().mean()
+            terms["consistency"] = lambda1 * raw["consistency"]
         if cfg.lambda_diversity > 0:
             raw["diversity"] = losses.nlu_diversity(features)
-            terms["diversity"] = cfg.lambda_diversity * raw["diversity"]
+            terms["diversity"] = lambda2 * raw["diversity"]
         if cfg.lambda_svd > 0:
             raw["svd_ratio"] = self._svd(features)
-            terms["svd_ratio"] = -cfg.lambda_svd * raw["svd_ratio"]
+            terms["svd_ratio"] = -lambda3 * raw["svd_ratio"]
         loss = sum(terms.values())
-        losses.check_finite_loss(loss, terms, self.state.global_step)
+        # Every rank reduces its non-finite flag, so all raise together (one raising alone would hang the rest).
+        losses.check_finite_loss(loss, terms, self.state.global_step,
+                                 reduce=lambda flag: self.accelerator.reduce(flag, "sum"))
         self._record(mode, task_loss, raw)
         return (loss, outputs) if return_outputs else loss
 
     def _record(self, mode: str, task_loss, raw: dict) -> None:
         """Unweighted term values (eq. 5, eqs. 6-7, the top-k ratio of eq. 8), averaged over ranks; `log` averages
-        them over the logging window."""
+        them over the logging window. One fixed-shape gather per call (which terms exist depends on the configuration
+        only), so every rank issues the same collective; ``gather``, not ``gather_for_metrics``, whose end-of-dataloader
+        truncation is meant for duplicated samples and would drop whole ranks' rows here."""
         names = ["task_loss", *raw]
         values = torch.stack([task_loss.detach().float().reshape(())] + [raw[k].detach().float().reshape(()) for k in raw])
-        values = self.accelerator.gather_for_metrics(values.unsqueeze(0)).float().mean(0)
+        values = self.accelerator.gather(values.unsqueeze(0)).float().mean(0)
         for name, value in zip(names, values.tolist()):
             self._metrics[mode][METRIC_PREFIX + name].append(value)
 

@@ -9,7 +9,9 @@ through a run.
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import sys
 
 INIT_LORA_WEIGHTS = ("true", "false", "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal")
 
@@ -24,6 +26,31 @@ _REPORTERS = {  # report_to value -> (importable modules, any of which is enough
 
 class PreflightError(RuntimeError):
     """The configuration needs something this machine does not have."""
+
+
+# What a user's mistake raises before any work starts: a bad value, file or configuration (ValueError: our checks,
+# TRL's and transformers' argument checks, the data loaders), what this machine lacks (PreflightError), a path that
+# does not exist or cannot be read (OSError). The commands print these as one line; BALORA_DEBUG=1 shows the traceback.
+USER_ERRORS = (ValueError, PreflightError, OSError)
+
+
+def debug_requested() -> bool:
+    """BALORA_DEBUG=1 (set by `balora --debug`): user errors keep their traceback."""
+    return os.environ.get("BALORA_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def report_user_error(error: BaseException) -> int:
+    """Print ``error: MESSAGE`` on stderr and return the exit code 2 (a usage error, as argparse's); with
+    BALORA_DEBUG=1, raise ``error`` again instead, with its traceback."""
+    if debug_requested():
+        raise error
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        message = f"{error.strerror}: {error.filename}"
+    else:
+        message = str(error).strip() or type(error).__name__
+    message = " ".join(line.strip() for line in message.splitlines() if line.strip())  # one line, whoever wrote it
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def is_available(module: str) -> bool:
@@ -56,8 +83,24 @@ def parse_init_lora_weights(value):
     )
 
 
+def check_model_path(name_or_path: str | None) -> None:
+    """A ``model_name_or_path`` that can only be a local path (absolute, ``./``, ``~``, or more than one ``/``: a Hub id
+    is ``name`` or ``namespace/name``) must be an existing folder; otherwise the Hub client answers with
+    "Repo id must be in the form 'repo_name' or 'namespace/repo_name'"."""
+    if not name_or_path:
+        return
+    path = os.path.expanduser(str(name_or_path))
+    if os.path.isfile(path):
+        raise ValueError(f"model_name_or_path {name_or_path} is a file; give the model's folder.")
+    local = os.path.isabs(path) or str(name_or_path).startswith((".", "~")) or path.count("/") > 1
+    if local and not os.path.isdir(path):
+        raise ValueError(f"No such model folder: {name_or_path}")
+
+
 def check(model_args, training_args, init_lora_weights=None) -> None:
-    """Raise `PreflightError` for the first requirement of the configuration this machine cannot meet."""
+    """Raise ValueError for a model path that does not exist, then `PreflightError` for the requirements of the
+    configuration this machine cannot meet."""
+    check_model_path(getattr(model_args, "model_name_or_path", None))
     problems = []
     quantized = getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False)
     if quantized:
@@ -72,8 +115,8 @@ def check(model_args, training_args, init_lora_weights=None) -> None:
         if isinstance(init, str) and init.startswith("pissa"):
             problems.append(
                 f"`{bits}` with init_lora_weights={init!r}: PEFT computes PiSSA's SVD on unquantized weights only. "
-                "Use `init_lora_weights: true` (LoRA, B = 0) for QLoRA, or build a PiSSA residual model in 16 bits "
-                "first and quantize that"
+                "For QPiSSA, factor the model once with `balora pissa-init --model M --out DIR` and train with "
+                "`--model_name_or_path DIR` (its residual is quantised); or use `init_lora_weights: true` for QLoRA"
             )
 
     attn = getattr(model_args, "attn_implementation", None) or ""
@@ -100,4 +143,4 @@ def check(model_args, training_args, init_lora_weights=None) -> None:
                 problems.append(f"`report_to: {name}` needs {modules[0]}: {install}")
 
     if problems:
-        raise PreflightError("This configuration cannot start here:\n  - " + "\n  - ".join(problems))
+        raise PreflightError("This configuration cannot start here: " + "; ".join(problems) + ".")

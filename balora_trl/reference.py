@@ -3,8 +3,8 @@
 "Pretrained" means the model *before fine-tuning*. With PEFT that is the base model plus the adapter as it was
 at the start:
 
-* ``AdapterDisabled`` — the adapter starts at zero (plain LoRA: B = 0), so base + adapter = base, and
-  ``peft_model.disable_adapter()`` is the reference. Costs nothing.
+* ``AdapterDisabled`` — the adapter starts at zero (plain LoRA: B = 0), so base + adapter = base, and the model
+  with its adapter layers switched off is the reference. Costs nothing.
 * ``InitialAdapter`` — the adapter starts non-zero (PiSSA and OLoRA rewrite the base weights into a residual
   W_res = W − B₀A₀; a resumed or user-supplied adapter is also non-zero). "Adapter disabled" would then be the
   residual model, *not* the pretrained one. The reference is base + a frozen copy of the initial adapter, kept
@@ -12,7 +12,8 @@ at the start:
 * ``SeparateModel`` — an explicit ``ref_model`` (module or path), or, for full fine-tuning without PEFT, a
   frozen copy made at start (the only case that holds the weights twice: there is no base to share).
 
-Every reference runs in eval mode (no dropout) and under ``torch.no_grad``; it never receives gradients.
+Every reference runs in eval mode (no dropout) and under ``torch.no_grad``; it never receives gradients, and
+switching to it never changes any parameter's ``requires_grad`` (FSDP / ZeRO-3 register the trainable set once).
 """
 
 from __future__ import annotations
@@ -86,12 +87,35 @@ class Reference:
 
 
 class AdapterDisabled(Reference):
+    """The adapter switched off: the model's output is the base model's (right when the adapter starts at zero)."""
+
     kind = "adapter_disabled"
 
     @contextmanager
     def activate(self, policy_unwrapped):
-        with torch.no_grad(), _eval_mode(policy_unwrapped), policy_unwrapped.disable_adapter():
-            yield
+        """Flip the switch the adapter layers' forward reads (``_disable_adapters``) for the block, then restore it.
+
+        PEFT's ``disable_adapter()`` gives the same outputs but also sets ``requires_grad`` off on every adapter weight
+        and back on at exit — every step — and back on even for a weight that was frozen. FSDP's flat parameters and
+        ZeRO-3 register the trainable parameters once; flipping the switch alone leaves ``requires_grad`` exactly as
+        the optimizer and the distributed wrapper registered it (as :class:`InitialAdapter` does).
+        """
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper  # modules_to_save / trainable-token wrappers
+
+        layers = [m for m in policy_unwrapped.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+        previous = [m.__dict__.get("_disable_adapters") for m in layers]
+        for layer in layers:
+            layer._disable_adapters = True
+        try:
+            with torch.no_grad(), _eval_mode(policy_unwrapped):
+                yield
+        finally:
+            for layer, value in zip(layers, previous):
+                if value is None:
+                    del layer._disable_adapters  # back to the class default
+                else:
+                    layer._disable_adapters = value
 
 
 class InitialAdapter(Reference):
@@ -111,7 +135,11 @@ class InitialAdapter(Reference):
         if REFERENCE_ADAPTER in peft_model.peft_config:
             peft_model.delete_adapter(REFERENCE_ADAPTER)
         peft_model.add_adapter(REFERENCE_ADAPTER, config)
-        state = get_peft_model_state_dict(peft_model, adapter_name=self.trained_adapter)
+        # A pre-initialised PiSSA (balora_trl.pissa_init) hands over (B₀, A₀) exactly as saved: TRL may already have
+        # cast the trainable copy to bf16 (QLoRA), and the reference must stay the original model.
+        state = getattr(peft_model, "balora_initial_state", None)
+        if state is None:
+            state = get_peft_model_state_dict(peft_model, adapter_name=self.trained_adapter)
         set_peft_model_state_dict(peft_model, state, adapter_name=REFERENCE_ADAPTER)
         # add_adapter leaves the trained adapter active; make sure nothing of the copy is trainable.
         for name, param in peft_model.named_parameters():

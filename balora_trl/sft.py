@@ -19,6 +19,7 @@ Defaults, lowest priority first:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -28,7 +29,8 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from .data import FORMATS, SAMPLE_PATH, load_dataset_any, supported_formats, to_prompt_completion
-from .preflight import PreflightError, check, cuda_available, is_available, parse_init_lora_weights
+from .preflight import (USER_ERRORS, PreflightError, check, cuda_available, is_available, parse_init_lora_weights,
+                        report_user_error)
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -98,6 +100,12 @@ class BALoraScriptArguments:
         metadata={"help": "LoRA initialisation (PEFT's init_lora_weights): 'pissa_niter_4' (BA-LoRA: PiSSA, fast "
                           "SVD), 'pissa' (exact SVD), 'true' (plain LoRA, B = 0), 'gaussian', 'olora'."},
     )
+    pissa_init: str | None = field(
+        default=None,
+        metadata={"help": "Train from a pre-initialised PiSSA (`balora pissa-init`): the initial adapter folder, or a "
+                          "residual model folder holding pissa_init/ (detected by itself when model_name_or_path is "
+                          "one). No SVD at start-up; init_lora_weights is then unused."},
+    )
     embedded_hidden_size: int = field(default=128, metadata={"help": "Embedded default model: hidden size."})
     embedded_num_layers: int = field(default=4, metadata={"help": "Embedded default model: layers."})
     embedded_num_heads: int = field(default=4, metadata={"help": "Embedded default model: attention heads."})
@@ -131,8 +139,10 @@ def _epilog() -> str:
     lines = ["dataset formats (dataset_format):", supported_formats()]
     if recipes:
         lines += ["", f"recipes in {REPO_CONFIGS}:", *(f"  {name}" for name in recipes)]
-    lines += ["", "output: the adapter, prompt_template.json, logs.jsonl, training_metrics.json and TensorBoard "
-                  "runs/ in output_dir (plus base_model/ for the embedded default)."]
+    lines += ["", "output: the adapter, prompt_template.json, logs.jsonl and training_metrics.json in output_dir (plus "
+                  "base_model/ for the embedded default, and TensorBoard runs/ when tensorboard is installed).",
+              "", "A mistake in the arguments or the data stops the job with one `error: ...` line (exit code 2); "
+                  "BALORA_DEBUG=1 shows the traceback."]
     return "\n".join(lines)
 
 
@@ -260,15 +270,28 @@ def build_trainer(script_args, training_args, model_args, callbacks=None):
     from transformers import AutoTokenizer
     from trl import get_peft_config, get_quantization_config
 
+    from .pissa_init import check_pair, find_pissa_init, load_pissa_init
     from .trainer import BALoraSFTTrainer
 
     init = parse_init_lora_weights(script_args.init_lora_weights)
-    check(model_args, training_args, init if model_args.use_peft else None)
+    # A pre-initialised PiSSA (`balora pissa-init`): the residual model + initial adapter, no SVD here.
+    pissa = find_pissa_init(model_args.model_name_or_path, script_args.pissa_init)
+    if pissa is not None and not model_args.use_peft:
+        raise PreflightError(f"{pissa.residual} is a PiSSA residual model (pissa_init/ adapter): it trains with "
+                             "`use_peft: true` only (the residual alone is not the original model).")
+    check(model_args, training_args, None if pissa is not None or not model_args.use_peft else init)
+    if pissa is not None:  # residual, adapter and the requested LoRA must agree: refused before anything loads
+        check_pair(pissa, r=model_args.lora_r, lora_alpha=model_args.lora_alpha,
+                   target_modules=model_args.lora_target_modules, use_rslora=model_args.use_rslora,
+                   use_dora=model_args.use_dora, trust_remote_code=training_args.trust_remote_code,
+                   modules_to_save=model_args.lora_modules_to_save)
 
     train_dataset, template = load_training_data(script_args, training_args)
 
-    embedded = model_args.model_name_or_path is None
+    embedded = model_args.model_name_or_path is None and pissa is None
     model_path = build_embedded_base(script_args, training_args) if embedded else model_args.model_name_or_path
+    if pissa is not None:
+        model_path = model_args.model_name_or_path = pissa.residual  # also what training_metrics.json records
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=model_args.model_revision,
                                               trust_remote_code=training_args.trust_remote_code)
@@ -289,15 +312,20 @@ def build_trainer(script_args, training_args, model_args, callbacks=None):
     if quantization_config is not None:
         model_init_kwargs["device_map"] = {"": training_args.local_process_index}  # one full copy per GPU
     model_init_kwargs.update(training_args.model_init_kwargs or {})
-    training_args.model_init_kwargs = model_init_kwargs
 
-    peft_config = get_peft_config(model_args)
-    if peft_config is not None:
-        peft_config.init_lora_weights = init
+    if pissa is not None:  # loaded here (TRL takes the PeftModel as it is); QPiSSA: the residual is quantised
+        model = load_pissa_init(pissa, model_init_kwargs, quantization_config, lora_dropout=model_args.lora_dropout)
+        peft_config = quantization_config = None
+    else:
+        training_args.model_init_kwargs = model_init_kwargs
+        model = model_path
+        peft_config = get_peft_config(model_args)
+        if peft_config is not None:
+            peft_config.init_lora_weights = init
 
     callbacks = list(callbacks or []) + [JsonlLogCallback(os.path.join(training_args.output_dir, "logs.jsonl"))]
     trainer = BALoraSFTTrainer(
-        model=model_path,
+        model=model,
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
@@ -336,28 +364,50 @@ def train_and_save(trainer, template, script_args, training_args, model_args):
     return result
 
 
-def main(script_args, training_args, model_args, callbacks=None):
+@contextlib.contextmanager
+def _cpu_threads(script_args, model_args):
+    """The embedded default on CPU runs with ``embedded_cpu_threads`` torch threads; the count is restored after."""
     import torch
 
     threads = torch.get_num_threads()
     if model_args.model_name_or_path is None and script_args.embedded_cpu_threads > 0 and not cuda_available():
         torch.set_num_threads(script_args.embedded_cpu_threads)
     try:
-        trainer, template = build_trainer(script_args, training_args, model_args, callbacks)
-        result = train_and_save(trainer, template, script_args, training_args, model_args)
-        if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
-            trainer.end()
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _train(trainer, template, script_args, training_args, model_args):
+    result = train_and_save(trainer, template, script_args, training_args, model_args)
+    if hasattr(trainer, "end"):  # transformers >= 5.18: finish the trackers, destroy the process group
+        trainer.end()
     return result
 
 
+def main(script_args, training_args, model_args, callbacks=None):
+    with _cpu_threads(script_args, model_args):
+        trainer, template = build_trainer(script_args, training_args, model_args, callbacks)
+        return _train(trainer, template, script_args, training_args, model_args)
+
+
 def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The job's command line (examples/sft_metamath.py, ``python -m balora_trl.sft``, what `balora train` launches).
+
+    A mistake found before training starts — in the arguments, the data, the model path or what this machine lacks
+    (`USER_ERRORS`, raised by parsing and `build_trainer`) — ends in one ``error: ...`` line and exit code 2;
+    ``BALORA_DEBUG=1`` keeps the traceback. Once training has started, errors keep their traceback.
+    """
     try:
-        main(*parse_args(argv, prog=prog))
-    except PreflightError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        script_args, training_args, model_args = parse_args(argv, prog=prog)
+    except USER_ERRORS as error:
+        return report_user_error(error)
+    with _cpu_threads(script_args, model_args):
+        try:
+            trainer, template = build_trainer(script_args, training_args, model_args)
+        except USER_ERRORS as error:
+            return report_user_error(error)
+        _train(trainer, template, script_args, training_args, model_args)
     return 0
 
 

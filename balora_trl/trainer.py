@@ -10,6 +10,14 @@ and batch 8 × accumulation 1. r_k(Z) = Σ_{i≤k}σ_i/Σσ of this micro-batch'
 statistic of a whole matrix, not a token sum; it enters with weight n/D, so the weights add to 1 over an optimizer
 step and a step made of copies of one micro-batch gives exactly that batch's term.
 
+With ``consistency_positions="label_consistent"`` (our extension) the KL sum runs only over the positions where the
+reference's top-1 token is the label (still divided by D); ``ba_lora/anchored_fraction`` logs their share.
+
+λ1, λ2, λ3 are those of the current optimizer step (``current_lambdas``: the schedules of ``balora_trl.schedules``,
+the adaptive λ1 or the KL-budget controller), constant over the micro-batches of one step; the options of the
+authors' release (top-k entropy, Frobenius SVD ratio, the KL at temperature T times T²) change the terms, on the plain
+and the fused head alike.
+
 The forward pass is patched (on top of TRL's fused-LM-head patch) so that ``model(**inputs, balora_head=fn)`` runs
 the backbone, keeps only the response positions' final hidden states [n, d], and evaluates ``fn`` on them *inside*
 the forward, where FSDP / ZeRO-3 have the LM-head weight gathered. No [batch, seq, V] logits are ever built.
@@ -17,16 +25,18 @@ the forward, where FSDP / ZeRO-3 have the LM-head weight gathered. No [batch, se
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 import warnings
 from dataclasses import dataclass
 
 import torch
+from transformers import TrainerCallback
 from transformers.utils import ModelOutput
 from trl import SFTTrainer
 
-from . import losses
+from . import losses, schedules
 from .config import BALoraConfig
 from .export import BALoraSaveMixin
 from .reference import Reference, build_reference, is_peft_model
@@ -48,15 +58,8 @@ class BALoraHeadOutput(ModelOutput):
     svd_ratio: torch.Tensor | None = None
     hidden: torch.Tensor | None = None  # reference pass: response-position hidden states [n, d]
     ref_logits: torch.Tensor | None = None  # reference pass with its own head: [n, V]
-
-
-def _logit_transform(config) -> tuple[float, float | None]:
-    """(scale, soft-cap) the model applies after its linear head (Cohere/Granite scaling, Gemma-2 soft-capping)."""
-    text_config = config.get_text_config()
-    scale = getattr(text_config, "logit_scale", None)
-    if scale is None and getattr(text_config, "logits_scaling", None):
-        scale = 1.0 / text_config.logits_scaling
-    return (1.0 if scale is None else float(scale)), getattr(text_config, "final_logit_softcapping", None)
+    anchored_tokens: torch.Tensor | None = None  # label-consistent anchoring: how many positions the KL anchors
+    ref_entropy_sum: torch.Tensor | None = None  # adaptive λ1: Σ_t H(p_ref,t at temperature T)
 
 
 def head_parameters(module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -69,20 +72,141 @@ def head_parameters(module) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+class _GivenHidden:
+    """Stands in for the backbone inside :func:`run_own_head`: called, it returns the given hidden states as the
+    backbone's output; every attribute is the real backbone's (Falcon-H1's forward reads
+    ``self.model.lm_head_multiplier``)."""
+
+    def __init__(self, backbone, hidden: torch.Tensor):
+        self._backbone, self._hidden, self.calls = backbone, hidden, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return _HiddenOutput(self._hidden)
+
+    def __getattr__(self, name):
+        return getattr(self._backbone, name)
+
+
+class _HiddenOutput:
+    """The backbone's output as a causal LM's forward reads it: ``.last_hidden_state`` or ``[0]``; every other field
+    (cache, hidden_states, attentions, router_logits, ...) is None."""
+
+    def __init__(self, hidden: torch.Tensor):
+        self.last_hidden_state = hidden
+
+    def __getitem__(self, key):
+        if key in (0, "last_hidden_state"):
+            return self.last_hidden_state
+        raise KeyError(key)
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return None
+
+    def get(self, key, default=None):
+        value = getattr(self, key)
+        return default if value is None else value
+
+
+def run_own_head(module, hidden: torch.Tensor, head_call=None) -> torch.Tensor:
+    """Logits [n, V] for final hidden states ``hidden`` [n, d] by the model's *own* code: ``type(module).forward``
+    with the backbone standing aside (it returns ``hidden``) for the duration of the call.
+
+    So whatever a family does between the backbone and the logits — Gemma-2's soft-cap, Cohere's ``logit_scale``,
+    Granite's division and HyperCLOVA X's multiplication by ``logits_scaling``, Falcon-H1's ``lm_head_multiplier``,
+    MiniCPM3's pre-head scaling, Muse's ``output_multiplier`` — is what the model itself runs, not a per-family
+    re-implementation. The LM head is called as the module it is, so ZeRO-3's and FSDP's hooks gather its weight
+    for the forward and again for the backward (and a PEFT-wrapped head routes to the active adapter).
+    ``head_call(x)``, when given, replaces the head's forward inside that call. Only instance attributes change
+    for the call (no hook is added, the module tree is unchanged), and they are restored on exit.
+    """
+    prefix = getattr(module, "base_model_prefix", "")
+    backbone = module._modules.get(prefix) if prefix else None
+    head = module.get_output_embeddings()
+    if backbone is None or head is None:
+        raise ValueError(f"BA-LoRA cannot run {type(module).__name__}'s LM-head code on hidden states: it has no "
+                         f"backbone `{prefix}` or no output embeddings.")
+    stub = _GivenHidden(backbone, hidden.unsqueeze(0))
+    inputs = []
+    own_forward, had_forward = head.forward, "forward" in head.__dict__
+
+    def forward(x):
+        inputs.append(x)
+        return own_forward(x) if head_call is None else head_call(x)
+
+    module.__dict__[prefix] = stub  # shadows the registered submodule for attribute lookup only
+    head.forward = forward
+    try:
+        out = type(module).forward(module)
+    except TypeError as error:  # a forward that insists on its inputs (remote code) cannot be driven this way
+        raise ValueError(f"BA-LoRA cannot run {type(module).__name__}'s LM-head code on hidden states: its forward "
+                         f"needs arguments ({error}).") from error
+    finally:
+        del module.__dict__[prefix]
+        if had_forward:
+            head.forward = own_forward
+        else:
+            del head.forward
+    logits = out[0] if isinstance(out, tuple) else getattr(out, "logits", None)
+    if stub.calls != 1 or len(inputs) != 1 or logits is None or tuple(logits.shape[:2]) != (1, hidden.shape[0]):
+        raise ValueError(f"BA-LoRA cannot run {type(module).__name__}'s LM-head code on hidden states: its forward "
+                         "does not map the backbone's output to logits through its output embeddings once.")
+    return logits[0]
+
+
 def head_logits(module, hidden: torch.Tensor) -> torch.Tensor:
-    """The model's own next-token logits for ``hidden`` [n, d], in float32 (plain path)."""
-    weight, bias = head_parameters(module)
-    logits = losses.project(hidden, weight, bias)
-    scale, softcap = _logit_transform(module.config)
-    if scale != 1.0:
-        logits = logits * scale
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+    """The model's own next-token logits for ``hidden`` [n, d], in float32 (plain path; :func:`run_own_head`).
+
+    A plain ``nn.Linear`` head is evaluated as ``hidden · Wᵀ + b`` in float32 inside its own call, so the family's
+    transform then runs on float32 logits too; any other head (LoRA on the head, ``modules_to_save``, a quantised
+    layer, a head already hooked by accelerate's device map) runs its own forward and its output is upcast.
+    """
+    head = module.get_output_embeddings()
+    if type(head) is torch.nn.Linear and "forward" not in head.__dict__:
+        logits = run_own_head(module, hidden if hidden.dtype == torch.float64 else hidden.float(),
+                              lambda x: losses.project(x, *head_parameters(module)))
+    else:
+        logits = run_own_head(module, hidden)
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
-def _gathered_head(module):
-    """The LM head's parameters gathered for the block (ZeRO-3 partitions them outside their own forward)."""
+def own_logits_are_head_output(module) -> tuple[bool, str]:
+    """(True, "") when the model's forward feeds the backbone's output to its LM head unchanged and returns the
+    head's output unchanged — the logits are ``hidden · Wᵀ + b``, what the fused path computes. Otherwise (False,
+    reason). Probed with :func:`run_own_head`: a head that records its input and returns a known tensor spanning
+    ±60 (beyond any soft-cap), so no weight is read (a ZeRO-3-partitioned head is fine)."""
+    head = module.get_output_embeddings()
+    d, vocab = head.in_features, head.out_features
+    device = head.weight.device if head.weight.device.type != "meta" else torch.device("cpu")
+    hidden = torch.linspace(-2.0, 2.0, 3 * d, device=device).reshape(3, d)
+    known = torch.linspace(-60.0, 60.0, 3 * vocab, device=device).reshape(1, 3, vocab)
+    seen = []
+
+    def head_call(x):
+        seen.append(x)
+        return known
+
+    try:
+        with torch.no_grad():
+            logits = run_own_head(module, hidden, head_call)
+    except Exception as error:  # noqa: BLE001 - any failure means the fused path cannot stand in for the forward
+        return False, f"its forward could not be run on given hidden states ({type(error).__name__}: {error})"
+    if not torch.equal(seen[0].reshape(hidden.shape), hidden):
+        return False, "the model's forward transforms the hidden states before its LM head"
+    if not torch.equal(logits, known[0]):
+        return False, "the model's forward transforms its LM head's output (scaling or soft-capping)"
+    return True, ""
+
+
+def _gathered_head(module, fused: bool = True):
+    """The LM head's parameters gathered for the block, for the fused path, which reads the weight directly (ZeRO-3
+    partitions it outside the head's own forward). The plain path needs nothing: :func:`head_logits` calls the head
+    as a module, whose own ZeRO-3 hooks gather the weight for the forward and again for the backward (a weight
+    gathered here would be released before the backward)."""
+    if not fused:
+        return contextlib.nullcontext()
     head = module.get_output_embeddings()
     return maybe_gather_lm_head_ctx(*[p for p in (head.weight, head.bias) if p is not None])
 
@@ -117,6 +241,39 @@ def install_head_forward(model) -> None:
 
     model.forward = types.MethodType(forward, model)
     model._balora_head_forward = True
+
+
+@dataclass
+class Lambdas:
+    """The weights of one optimizer step: λ1(t), λ2(t), λ3(t) and the KL's T² factor (1 unless `kl_t2_scaling`)."""
+
+    consistency: float
+    diversity: float
+    svd: float
+    kl_scale: float = 1.0
+
+    @property
+    def kl_weight(self) -> float:
+        """What multiplies Σ KL / D in the loss: λ1 · T² (or λ1)."""
+        return self.consistency * self.kl_scale
+
+
+LAMBDA_STATE_KEY = "BALoraLambdas"  # where the λ1 controller's state lives in trainer_state.json
+
+
+class _LambdaStepCallback(TrainerCallback):
+    """Ends each optimizer step for the λ1 that depend on measurements (KL budget, adaptive λ1): sums the step's
+    statistics over ranks, updates λ1 for the next step and stores the state in ``TrainerState.stateful_callbacks``
+    (so every checkpoint's trainer_state.json holds it); ``on_train_begin`` restores it on resume."""
+
+    def __init__(self, trainer: "BALoraSFTTrainer"):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer._restore_lambda_state(state.stateful_callbacks.get(LAMBDA_STATE_KEY))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        state.stateful_callbacks[LAMBDA_STATE_KEY] = self.trainer._end_lambda_step()
 
 
 class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
@@ -157,6 +314,7 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
         install_head_forward(self._causal_lm())
         self._path = self._choose_head_path()
         self._on_svd_fallback = losses.svd_fallback_warner(lambda: self.state.global_step)
+        self._init_lambdas()
 
     # ----------------------------------------------------------------------------------------------------------
     # set-up helpers
@@ -211,31 +369,112 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
     def _reference_head(self, module, hidden, labels):
         if self._shares_head():  # the policy pass recomputes reference logits from [n, d] with the shared head
             return BALoraHeadOutput(hidden=hidden.detach())
-        with _gathered_head(module):
-            return BALoraHeadOutput(ref_logits=head_logits(module, hidden).detach())
+        return BALoraHeadOutput(ref_logits=head_logits(module, hidden).detach())
 
     def _svd_term(self, compute, *args) -> torch.Tensor:
         """r_k by ``compute``, with the Gram-eigenvalue fallback of :func:`losses.svd_ratio_robust` (warned once)."""
-        return losses.svd_ratio_robust(compute, args, self.args.svd_top_k, self._on_svd_fallback)
+        return losses.svd_ratio_robust(compute, args, self.args.svd_top_k, self._on_svd_fallback,
+                                       self.args.svd_normalizer)
 
-    def _policy_head(self, ref: BALoraHeadOutput | None):
+    # ----------------------------------------------------------------------------------------------------------
+    # λ1, λ2, λ3 of the current optimizer step (balora_trl.schedules)
+    # ----------------------------------------------------------------------------------------------------------
+
+    def _init_lambdas(self) -> None:
         cfg = self.args
+        vocab = self._causal_lm().config.get_text_config().vocab_size
+        if cfg.entropy_top_k > vocab:
+            raise ValueError(f"`entropy_top_k` ({cfg.entropy_top_k}) exceeds the vocabulary size ({vocab}).")
+        self._vocab_size = vocab
+        self._kl_controller = None
+        self._ref_entropy: float | None = None  # adaptive λ1: H̄_ref of the previous optimizer step
+        self._step_stats: torch.Tensor | None = None  # Σ KL, Σ H_ref, n over this step's micro-batches (local)
+        self._measures = cfg.kl_target is not None or cfg.lambda_consistency_schedule == "adaptive"
+        if self._measures:
+            self._restore_lambda_state(None)
+            self.add_callback(_LambdaStepCallback(self))
+
+    def _restore_lambda_state(self, state: dict | None) -> None:
+        """Back to the start (``None``) or to a checkpoint's state."""
+        cfg = self.args
+        if cfg.kl_target is not None:
+            self._kl_controller = schedules.KLController(cfg.lambda_consistency, cfg.kl_target, cfg.kl_horizon,
+                                                         *cfg.consistency_bounds)
+        self._ref_entropy, self._step_stats = None, None
+        if state:
+            if self._kl_controller is not None and state.get("kl_controller"):
+                self._kl_controller.load_state_dict(state["kl_controller"])
+            self._ref_entropy = state.get("ref_entropy")
+
+    def _end_lambda_step(self) -> dict:
+        """Called once per optimizer step on every rank (the same collective whatever the batch held)."""
+        stats = self._step_stats
+        if stats is None:
+            stats = torch.zeros(3, dtype=torch.float64, device=self.accelerator.device)
+        kl_sum, entropy_sum, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+        self._step_stats = None
+        if count > 0:
+            if self._kl_controller is not None:
+                self._kl_controller.update(kl_sum / count)
+            if self.args.lambda_consistency_schedule == "adaptive":
+                self._ref_entropy = entropy_sum / count
+        return {"kl_controller": None if self._kl_controller is None else self._kl_controller.state_dict(),
+                "ref_entropy": self._ref_entropy}
+
+    def current_lambdas(self) -> Lambdas:
+        """λ1, λ2, λ3 at the current optimizer step t = ``state.global_step`` of T = ``state.max_steps``: the same
+        for every micro-batch of a step (t only advances after the optimizer step)."""
+        cfg = self.args
+        lambda1, lambda2, lambda3 = schedules.scheduled_lambdas(cfg, self.state.global_step, self.state.max_steps)
+        if self._kl_controller is not None:
+            lambda1 = self._kl_controller.value
+        elif cfg.lambda_consistency_schedule == "adaptive":
+            low, high = cfg.consistency_bounds
+            lambda1 = high if self._ref_entropy is None else schedules.adaptive_lambda(
+                low, high, self._ref_entropy, self._vocab_size)
+        return Lambdas(lambda1, lambda2, lambda3, cfg.kl_temperature ** 2 if cfg.kl_t2_scaling else 1.0)
+
+    def _anchor(self, out: BALoraHeadOutput, label_consistent) -> torch.Tensor | None:
+        """The bool [n] positions the KL anchors (``label_consistent()``, computed only when asked for) and their
+        count in ``out``, or None when every position is anchored (``consistency_positions="all"``)."""
+        if self.args.consistency_positions == "all":
+            return None
+        mask = label_consistent()
+        out.anchored_tokens = mask.sum()
+        return mask
+
+    def _policy_head(self, ref: BALoraHeadOutput | None, lam: Lambdas | None = None, ref_entropy: bool = False):
+        cfg = self.args
+        lam = self.current_lambdas() if lam is None else lam
         want_entropy, want_svd = cfg.lambda_diversity > 0, cfg.lambda_svd > 0
+        top_k = cfg.entropy_top_k  # 0: eq. 11's full-vocabulary entropy
 
         def head(module, hidden, labels):
             out = BALoraHeadOutput(num_tokens=labels.new_tensor(labels.numel()))
-            with _gathered_head(module):
+            with _gathered_head(module, fused=self._path == "fused"):
                 if self._path == "fused":
-                    from .fused import fused_head_terms, svd_ratio_frozen_head
+                    from .fused import fused_head_terms, reference_top1, svd_ratio_frozen_head
 
                     weight, bias = head_parameters(module)
-                    # compute_loss weighs the three sums by (1, λ1, −λ2) (times a common 1/D): announcing it lets
-                    # the fused backward keep one gradient vector per token instead of three.
+                    kl_mask = None if ref is None else self._anchor(
+                        out, lambda: reference_top1(ref.hidden, weight, bias) == labels)
+                    # compute_loss weighs the three sums by (1, λ1(s)·c_T, −λ2(s)) (times a common 1/D): announcing
+                    # it lets the fused backward keep one gradient vector per token instead of three. The top-k
+                    # entropy is not among them: it has its own pass (fused_topk_entropy).
                     nll, kl, entropy = fused_head_terms(
-                        hidden, weight, bias, labels, ref_hidden=None if ref is None else ref.hidden,
-                        temperature=cfg.kl_temperature, entropy=want_entropy,
-                        grad_weights=(1.0, cfg.lambda_consistency, -cfg.lambda_diversity),
+                        hidden, weight, bias, labels, ref_hidden=None if ref is None else ref.hidden, kl_mask=kl_mask,
+                        temperature=cfg.kl_temperature, entropy=want_entropy and not top_k,
+                        grad_weights=(1.0, lam.kl_weight, -lam.diversity),
                     )
+                    if want_entropy and top_k:
+                        from .fused import fused_topk_entropy
+
+                        entropy = fused_topk_entropy(hidden, weight, bias, top_k)
+                    if ref_entropy and ref is not None:
+                        from .fused import fused_entropy
+
+                        out.ref_entropy_sum = fused_entropy(ref.hidden, weight, bias,
+                                                            temperature=cfg.kl_temperature).sum()
                     if want_svd and labels.numel() > 0:
                         out.svd_ratio = self._svd_term(svd_ratio_frozen_head, hidden, weight, bias)
                 else:
@@ -244,8 +483,18 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
                     if ref is not None:
                         ref_logits = ref.ref_logits if ref.ref_logits is not None else head_logits(module, ref.hidden)
                     nll = losses.token_nll(logits, labels)
-                    kl = None if ref_logits is None else losses.token_kl(ref_logits, logits, cfg.kl_temperature)
-                    entropy = losses.token_entropy(logits) if want_entropy else None
+                    kl_mask = None if ref_logits is None else self._anchor(
+                        out, lambda: losses.label_consistent(ref_logits, labels))
+                    if kl_mask is not None:
+                        kl = losses.anchored_token_kl(ref_logits, logits, kl_mask, cfg.kl_temperature)
+                    else:
+                        kl = None if ref_logits is None else losses.token_kl(ref_logits, logits, cfg.kl_temperature)
+                    entropy = None
+                    if want_entropy:
+                        entropy = losses.token_entropy_topk(logits, top_k) if top_k else losses.token_entropy(logits)
+                    if ref_entropy and ref_logits is not None:
+                        out.ref_entropy_sum = losses.token_entropy(
+                            ref_logits.float() / cfg.kl_temperature).sum().detach()
                     if want_svd and labels.numel() > 0:
                         out.svd_ratio = self._svd_term(losses.svd_ratio, logits)
             out.nll_sum = nll.sum()
@@ -264,11 +513,13 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
         mode = "train" if self.model.training else "eval"
         inputs = {k: v for k, v in inputs.items() if k != "use_cache"}
 
+        lam = self.current_lambdas()
         ref = None
         if cfg.lambda_consistency > 0:
             with self.reference.activate(self.model):
                 ref = self.reference.model(model)(**inputs, balora_head=self._reference_head)
-        out = model(**inputs, balora_head=self._policy_head(ref))
+        adaptive = mode == "train" and cfg.lambda_consistency_schedule == "adaptive"
+        out = model(**inputs, balora_head=self._policy_head(ref, lam, ref_entropy=adaptive))
 
         n = out.num_tokens.to(torch.float32)
         denom = n if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=n.device, dtype=torch.float32)
@@ -276,18 +527,22 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
         sft = out.nll_sum / denom
         terms = {"sft": sft}
         if out.kl_sum is not None:
-            terms["kl"] = cfg.lambda_consistency * out.kl_sum / denom
+            terms["kl"] = lam.kl_weight * out.kl_sum / denom
         if out.entropy_sum is not None:
-            terms["entropy"] = -cfg.lambda_diversity * out.entropy_sum / denom
+            terms["entropy"] = -lam.diversity * out.entropy_sum / denom
         if out.svd_ratio is not None:
-            terms["svd"] = -cfg.lambda_svd * out.svd_ratio * (n / denom)
+            terms["svd"] = -lam.svd * out.svd_ratio * (n / denom)
         loss = sum(terms.values())
         # Like TRL: `num_items_in_batch` counts every rank's tokens and DDP averages gradients over ranks.
         if cfg.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())
 
-        losses.check_finite_loss(loss, terms, self.state.global_step)
+        # Every rank reduces its non-finite flag, so all raise together (one raising alone would hang the rest).
+        losses.check_finite_loss(loss, terms, self.state.global_step,
+                                 reduce=lambda flag: self.accelerator.reduce(flag, "sum"))
         self._record_metrics(mode, out, inputs)
+        if mode == "train":
+            self._record_lambdas(lam, out)
 
         if return_outputs:
             with torch.no_grad():
@@ -295,21 +550,45 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
             return loss, outputs
         return loss
 
+    def _record_lambdas(self, lam: Lambdas, out: BALoraHeadOutput) -> None:
+        """Log the step's effective λ1, λ2, λ3 (λ1 without the T² factor) and add the micro-batch's KL and
+        reference-entropy sums to the step's statistics (KL budget, adaptive λ1)."""
+        metrics = self._metrics["train"]
+        for name, value in (("consistency", lam.consistency), ("diversity", lam.diversity), ("svd", lam.svd)):
+            metrics[f"ba_lora/lambda_{name}"].append(value)
+        if self._measures:
+            zero = out.num_tokens.new_zeros((), dtype=torch.float64)
+            stats = torch.stack([zero if v is None else v.detach().to(torch.float64)
+                                 for v in (out.kl_sum, out.ref_entropy_sum, out.num_tokens)])
+            self._step_stats = stats if self._step_stats is None else self._step_stats + stats
+
     def _record_metrics(self, mode: str, out: BALoraHeadOutput, inputs) -> None:
-        """Token-weighted means over the micro-batch (gathered over ranks); TRL's `log` averages the window."""
-        present = {"sft_loss": out.nll_sum, "kl": out.kl_sum, "entropy": out.entropy_sum}
+        """Token-weighted means over the micro-batch, summed over ranks; TRL's `log` averages the window.
+
+        One gather of one fixed-shape vector per call, whatever the batch holds: every rank must issue the same
+        collectives in the same order, or multi-GPU training hangs (or pairs one rank's SVD ratio with another's
+        token count). Which sums are present depends on the configuration only; the SVD ratio, which a micro-batch
+        without a trained token does not have, travels as (ratio, 1) or (0, 0) and is averaged over the ranks that
+        have one. ``gather`` rather than ``gather_for_metrics``: the rows are ranks, not samples, so the latter's
+        end-of-dataloader truncation (meant for duplicated samples) would drop ranks.
+        """
+        present = {"sft_loss": out.nll_sum, "kl": out.kl_sum, "entropy": out.entropy_sum,
+                   "anchored_fraction": out.anchored_tokens}
         names = [k for k, v in present.items() if v is not None]
-        stats = torch.stack([out.num_tokens.float()] + [present[k].detach().float() for k in names])
-        stats = self.accelerator.gather_for_metrics(stats.unsqueeze(0)).sum(0)
-        count = stats[0].item()
-        if count > 0:
-            for name, value in zip(names, stats[1:].tolist()):
-                self._metrics[mode][f"ba_lora/{name}"].append(value / count)
-        if out.svd_ratio is not None:
-            ratio = self.accelerator.gather_for_metrics(out.svd_ratio.detach().float().reshape(1)).mean()
-            self._metrics[mode]["ba_lora/svd_ratio"].append(ratio.item())
-        if mode == "train":  # TRL's `num_tokens`: every attended token, prompt included
-            mask = inputs.get("attention_mask")
-            local = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel(), device=stats.device)
-            self._total_train_tokens += int(self.accelerator.gather_for_metrics(local.reshape(1)).sum().item())
+        count = out.num_tokens.float()
+        has_ratio = out.svd_ratio is not None
+        ratio = out.svd_ratio.detach().float().reshape(()) if has_ratio else count.new_zeros(())
+        mask = inputs.get("attention_mask")  # TRL's `num_tokens`: every attended token, prompt included
+        attended = mask.sum() if mask is not None else torch.tensor(inputs["input_ids"].numel())
+        stats = torch.stack([count] + [present[k].detach().float().reshape(()) for k in names]
+                            + [ratio, count.new_tensor(float(has_ratio)), attended.to(count)])
+        totals = self.accelerator.gather(stats.unsqueeze(0)).sum(0).tolist()
+        total_count, sums, (ratio_sum, ratios, attended_total) = totals[0], totals[1:-3], totals[-3:]
+        if total_count > 0:
+            for name, value in zip(names, sums):
+                self._metrics[mode][f"ba_lora/{name}"].append(value / total_count)
+        if ratios > 0:
+            self._metrics[mode]["ba_lora/svd_ratio"].append(ratio_sum / ratios)
+        if mode == "train":
+            self._total_train_tokens += int(round(attended_total))
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]

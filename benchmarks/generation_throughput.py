@@ -15,7 +15,6 @@ is what the benchmark measures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -33,17 +32,12 @@ import torch  # noqa: E402
 from eval.backends import GenerationParams, TransformersBackend, vllm_usable  # noqa: E402
 from eval.prompting import PromptFormatter  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
 
 def gsm8k_questions(n: int) -> list[str]:
-    path = SHARED_DATA / "gsm8k" / "test.jsonl"
-    if path.exists():
-        with open(path) as f:
-            return [json.loads(line)["question"] for _, line in zip(range(n), f)]
-    from eval.data import packaged, read_rows  # MT-Bench questions ship with the harness
+    """The first ``n`` questions of the GSM8K test split shipped with the harness (eval/data/gsm8k_test.jsonl)."""
+    from eval.data import packaged, read_rows
 
-    return [r["turns"][0] for r in read_rows(packaged("mt_bench_question.jsonl"))][:n]
+    return [r["question"] for r in read_rows(packaged("gsm8k_test.jsonl"))][:n]
 
 
 def build_model(directory: str, hidden_size: int, layers: int) -> str:

@@ -16,6 +16,12 @@ Three configurations, on the same Llama-shaped model (random weights), the same 
 
   optional: (p) ``BALoraSFTTrainer`` with ``head_path="plain"`` (materialised response logits, exact SVD of the
       [N, V] matrix: very slow on CPU) — ``--configs a b c p``.
+  optional, the authors' release's options on (b) (``--configs a b k f r``; reported as ratios to (a), same run):
+      (k) (b) with the top-20 entropy (``entropy_top_k=20``: one more no-grad pass over the vocabulary for the
+          running top-k, gradients through 20 gathered logits per token),
+      (f) (b) with the Frobenius SVD normaliser (``svd_normalizer="frobenius"``),
+      (r) the release's whole objective: λ = 0.025 / 0.005 / 0.005, cosine λ1, two_phase λ2/λ3 (the terms are
+          computed even while their weight is 0), top-20 entropy, Frobenius, T = 2 with T².
 
 What is timed: ``trainer.training_step`` (forward + backward, exactly as ``Trainer.train`` runs it) followed by
 ``optimizer.step()`` and ``zero_grad()``, on one fixed batch, after ``--warmup`` untimed steps (the first step also
@@ -49,6 +55,17 @@ CONFIGS = {
     "b": "(b) BALoraSFTTrainer, 3 terms (fused)",
     "c": "(c) authors' pattern",
     "p": "(p) BALoraSFTTrainer, 3 terms (plain head)",
+    "k": "(k) (b) + top-20 entropy",
+    "f": "(f) (b) + Frobenius SVD ratio",
+    "r": "(r) BALoraSFTTrainer, the release's objective",
+}
+# The release's options on top of (b)'s BALoraConfig (the λ of (b) unless the option sets them).
+RELEASE_OPTIONS = {
+    "k": dict(entropy_top_k=20),
+    "f": dict(svd_normalizer="frobenius"),
+    "r": dict(lambda_consistency=0.025, lambda_diversity=0.005, lambda_svd=0.005, lambda_consistency_schedule="cosine",
+              lambda_focus_schedule="two_phase", focus_warmup_ratio=0.2, focus_ramp_ratio=0.05, entropy_top_k=20,
+              svd_normalizer="frobenius", kl_temperature=2.0, kl_t2_scaling=True),
 }
 TARGETS = {"b/a time": 1.35, "b/a peak": 1.10, "c/b time": 1.3, "(c-a)/(b-a) peak": 1.4}
 
@@ -170,11 +187,12 @@ def run_worker(args) -> dict:
         from trl import SFTConfig, SFTTrainer
 
         trainer = SFTTrainer(model, SFTConfig(**common), **kw)
-    elif args.config in ("b", "p"):
+    elif args.config in ("b", "p", *RELEASE_OPTIONS):
         from balora_trl import BALoraConfig, BALoraSFTTrainer
 
-        cfg = BALoraConfig(**common, lambda_consistency=1e-4, lambda_diversity=3e-4, lambda_svd=1e-4, svd_top_k=10,
-                           head_path="auto" if args.config == "b" else "plain")
+        balora = dict(lambda_consistency=1e-4, lambda_diversity=3e-4, lambda_svd=1e-4, svd_top_k=10,
+                      head_path="plain" if args.config == "p" else "auto")
+        cfg = BALoraConfig(**common, **{**balora, **RELEASE_OPTIONS.get(args.config, {})})
         trainer = BALoraSFTTrainer(model, cfg, **kw)
         head_path = getattr(trainer, "_path", None)
     elif args.config == "c":
@@ -257,7 +275,7 @@ def _estimated_peak_mb(args, config: str, vocab: int, batch: int) -> float:
     """
     params = 4 * (2 * vocab * args.hidden + args.layers * 12 * args.hidden**2) / 2**20
     logits = 4 * batch * args.seq * vocab / 2**20
-    step = {"a": 2400, "b": 400, "c": 11 * logits, "p": 6 * logits}[config]
+    step = {"a": 2400, "b": 400, "k": 400, "f": 400, "r": 400, "c": 11 * logits, "p": 6 * logits}[config]
     return 700 + params * (2 if config == "c" else 1) + step
 
 
@@ -321,6 +339,10 @@ def summarise(runs: list[dict], configs: list[str]) -> dict:
             ratios["b/a cpu time"] = _ratio(b["cpu_s"], a["cpu_s"])
             ratios["b/a peak"] = _ratio(b["peak_mb"], a["peak_mb"])
             ratios["b/a step delta"] = _ratio(b["step_delta_mb"], a["step_delta_mb"])
+        for c in RELEASE_OPTIONS:  # the release's options: cost next to (b)'s, both as ratios to TRL (a)
+            if "a" in row and c in row:
+                ratios[f"{c}/a time"] = _ratio(row[c]["step_s"], row["a"]["step_s"])
+                ratios[f"{c}/a peak"] = _ratio(row[c]["peak_mb"], row["a"]["peak_mb"])
         if "b" in row and "c" in row:
             ratios["c/b time"] = _ratio(row["c"]["step_s"], row["b"]["step_s"])
             ratios["c/b cpu time"] = _ratio(row["c"]["cpu_s"], row["b"]["cpu_s"])
@@ -350,8 +372,8 @@ def print_table(table: dict, device: str) -> None:
     for vocab, entry in table.items():
         rt = entry["ratios"]
         parts = []
-        for name in ("b/a time", "b/a cpu time", "b/a peak", "b/a step delta", "c/b time", "c/b cpu time",
-                     "c/b peak"):
+        for name in ("b/a time", "b/a cpu time", "b/a peak", "b/a step delta", "k/a time", "k/a peak", "f/a time",
+                     "f/a peak", "r/a time", "r/a peak", "c/b time", "c/b cpu time", "c/b peak"):
             if name in rt:
                 parts.append(f"{name} {rt[name]:.2f}")
         if "(c-a)/(b-a) peak" in rt:

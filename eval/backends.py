@@ -3,7 +3,10 @@
 * ``transformers``: batched, left-padded, greedy unless temperature > 0, KV cache, stop strings; loads a merged model
   or base + PEFT adapter (not merged, so the adapter runs exactly as trained).
 * ``vllm``: ``LLM`` + ``SamplingParams``, tensor parallel, adapters through ``LoRARequest`` (never merged). Imported
-  lazily: it needs CUDA and is an optional extra.
+  lazily: it needs CUDA and is an optional extra. vLLM applies one α/r to every module and knows nothing of PEFT's
+  residual initialisations, so adapters it would run wrongly (per-module ranks/alphas, DoRA, ``modules_to_save``,
+  residual-form PiSSA/OLoRA/CorDA/LoRA-GA) are refused before loading, with the reason: merge them first
+  (``balora merge``) or use ``--backend transformers``.
 * ``openai``: any OpenAI-compatible server (``vllm serve``, :mod:`eval.serve`, a hosted API) through the ``openai``
   client; strings go to ``/v1/completions``, chat messages to ``/v1/chat/completions``.
 
@@ -58,12 +61,88 @@ def adapter_config(path: str) -> dict | None:
         return json.load(f)
 
 
+def adapter_problems(config: dict, backend: str) -> list[str]:
+    """Why ``backend`` would run this PEFT adapter wrongly (empty: it runs it as trained).
+
+    transformers (PEFT) runs every LoRA variant, but a residual-form adapter only with an init PEFT recomputes
+    identically from the base weights on load (PiSSA without ``_niter_``, OLoRA), as ``balora merge`` does.
+    """
+    from balora_trl.conversion import DETERMINISTIC_RESIDUAL_INITS, RESIDUAL_INITS
+
+    problems = []
+    init = config.get("init_lora_weights")
+    residual = isinstance(init, str) and init.lower().startswith(RESIDUAL_INITS)
+    if backend == "vllm":
+        r, alpha = config.get("r") or 8, config.get("lora_alpha") or 8
+        if any(v != r for v in (config.get("rank_pattern") or {}).values()):
+            problems.append("per-module ranks (rank_pattern), which vLLM scales with one alpha/r")
+        if any(v != alpha for v in (config.get("alpha_pattern") or {}).values()):
+            problems.append("per-module alphas (alpha_pattern), which vLLM ignores")
+        if config.get("use_dora"):
+            problems.append("DoRA, which vLLM does not run")
+        if config.get("modules_to_save"):
+            problems.append(f"fully trained modules_to_save ({', '.join(config['modules_to_save'])}), which vLLM "
+                            f"does not load")
+        if residual:
+            problems.append(f"{init} in residual form (trained on W - s*B0*A0), which vLLM would add to the original "
+                            f"weights")
+    elif residual and init.lower() not in DETERMINISTIC_RESIDUAL_INITS:
+        problems.append(f"{init} in residual form, whose residual PEFT cannot recompute on load")
+    return problems
+
+
+def check_adapter(model_path: str, backend: str) -> None:
+    """Raise ``ValueError`` (one line, with the fix) when ``backend`` would evaluate the adapter at ``model_path``
+    wrongly; see :func:`adapter_problems`."""
+    config = adapter_config(model_path)
+    problems = adapter_problems(config, backend) if config else []
+    if problems:
+        fix = ("merge it first (balora merge --adapter DIR --out merged/, then --model merged/) or use "
+               "--backend transformers") if backend == "vllm" else "save it with trainer.save_model (converted) " \
+            "or merge a BA-LoRA checkpoint with balora merge"
+        raise ValueError(f"--backend {backend} cannot evaluate the adapter {model_path} as trained: it has "
+                         f"{'; '.join(problems)}. {fix[0].upper() + fix[1:]}.")
+
+
+def _fingerprint_folder(path: str) -> dict:
+    """Name -> [size, mtime_ns] of the folder's files (weights, configs, tokenizer, prompt template): rewriting the
+    folder (``balora merge --force``) changes them. Hashing the weights would be exact but reads every byte."""
+    entries = {}
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name.startswith(".") or name.lower().endswith(".md") or not os.path.isfile(full):
+            continue
+        stat = os.stat(full)
+        entries[name] = [stat.st_size, stat.st_mtime_ns]
+    return entries
+
+
+def model_identity(model: str, base_model: str | None = None, backend: str = "", dtype: str = "",
+                   base_url: str | None = None) -> dict:
+    """What makes two evaluations of ``model`` the same model: its files (sizes and modification times), its base's
+    for an adapter, the backend and the dtype; a served model by its URL and name."""
+    identity = {"model": os.path.abspath(model) if os.path.isdir(model) else model, "backend": backend,
+                "dtype": dtype}
+    if base_url:
+        identity["base_url"] = base_url
+    if os.path.isdir(model):
+        identity["files"] = _fingerprint_folder(model)
+        adapter = adapter_config(model)
+        base = base_model or (adapter or {}).get("base_model_name_or_path")
+        if adapter and base:
+            identity["base_model"] = os.path.abspath(base) if os.path.isdir(base) else base
+            if os.path.isdir(base):
+                identity["base_files"] = _fingerprint_folder(base)
+    return identity
+
+
 def _has_tokenizer(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "tokenizer_config.json"))
 
 
 class Backend(ABC):
     tokenizer = None  # local backends: the tokenizer that renders chat prompts
+    dtype = ""  # the weights' dtype as loaded (local backends)
 
     @abstractmethod
     def _generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[str]: ...
@@ -94,6 +173,8 @@ class TransformersBackend(Backend):
         if dtype == "auto":
             dtype = "bfloat16" if self.device.startswith("cuda") and torch.cuda.is_bf16_supported() else "float32"
         torch_dtype = getattr(torch, dtype)
+        self.dtype = dtype
+        check_adapter(model_path, "transformers")
         adapter = adapter_config(model_path)
         base = (base_model or adapter["base_model_name_or_path"]) if adapter else model_path
         self.tokenizer = AutoTokenizer.from_pretrained(
@@ -164,6 +245,8 @@ class VLLMBackend(Backend):
         except ImportError as e:
             raise ImportError(VLLM_MISSING) from e
         self._sampling_params = SamplingParams
+        self.dtype = dtype
+        check_adapter(model_path, "vllm")
         adapter = adapter_config(model_path)
         kwargs = dict(tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)

@@ -32,14 +32,18 @@ class PromptFormatter:
         has_chat = assume_chat if tokenizer is None else getattr(tokenizer, "chat_template", None) is not None
         return cls(template, has_chat)
 
-    def build(self, turns: Sequence[str], answers: Sequence[str] = ()) -> Prompt:
+    def build(self, turns: Sequence[str], answers: Sequence[str] = (), suffix: str = "") -> Prompt:
         """The prompt for the last of ``turns``, given the model's ``answers`` to the earlier ones.
 
         Template mode concatenates rendered turns, each earlier one followed by its answer and a blank line: the
-        training format only defines one turn, and this is its natural continuation.
+        training format only defines one turn, and this is its natural continuation. ``suffix`` is appended to the
+        text prompt (the authors' "### Response: Let's think step by step."); a chat prompt has no text to extend.
         """
         if len(answers) != len(turns) - 1:
             raise ValueError("Need exactly one answer per earlier turn.")
+        if suffix and self.mode == "chat":
+            raise ValueError(f"This protocol appends {suffix.strip()!r} to a text prompt, but this model is prompted "
+                             f"through a chat template; use the default protocol.")
         if self.mode == "chat":
             messages = []
             for i, turn in enumerate(turns):
@@ -53,7 +57,7 @@ class PromptFormatter:
             text += render(turn)
             if i < len(answers):
                 text += answers[i] + "\n\n"
-        return text
+        return text + suffix
 
     def stop_strings(self) -> list[str]:
         """Template mode: the header line that opens a new instruction (Alpaca: '### Instruction:') ends an answer."""

@@ -2,19 +2,47 @@
 markdown table.
 
 ``<output_dir>/<task>.jsonl`` one record per finished sample (``id``, ``prompt``, ``generation``, ``extracted``,
-``verdict``, ...); ``<task>.config.json`` the settings that produced them (a rerun with different settings
-refuses to mix results unless ``--overwrite``); ``<task>_summary.json`` and ``<task>.md``.
+``verdict``, ...); ``<task>.config.json`` the settings and the model identity that produced them;
+``<task>_summary.json`` and ``<task>.md``.
+
+A rerun resumes only what the same model made with the same settings. Other settings (protocol, tokens, sampling,
+prompt template, data): refused, since mixing them is a mistake (``--overwrite`` or another ``--output_dir``).
+Another model at the same path (``balora merge --force`` rewrote it), another backend or dtype: the earlier files
+are moved to ``<task>.replaced-<time>/`` and the run starts over, saying why — never reported as resumed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
+import time
 from collections.abc import Iterable
+
+IDENTITY = "model_identity"
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def _identity_change(old: dict, new: dict) -> str:
+    """One line: what differs between two model identities."""
+    parts = []
+    for key in _differences(old, new):
+        if key in ("files", "base_files"):
+            a, b = old.get(key) or {}, new.get(key) or {}
+            changed = [n for n in sorted(set(a) | set(b)) if a.get(n) != b.get(n)]
+            shown = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+            parts.append(f"{'base model' if key == 'base_files' else 'model'} files changed ({shown})")
+        else:
+            parts.append(f"{key} {old.get(key)!r} -> {new.get(key)!r}")
+    return "; ".join(parts)
 
 
 class ResultStore:
-    def __init__(self, output_dir: str, task: str, config: dict, overwrite: bool = False):
+    def __init__(self, output_dir: str, task: str, config: dict, overwrite: bool = False, log=None):
+        """``config`` holds the run's settings and, under ``model_identity``, what identifies the model."""
         os.makedirs(output_dir, exist_ok=True)
         self.output_dir = output_dir
         self.task = task
@@ -26,16 +54,37 @@ class ResultStore:
             for path in (self.records_path, self.config_path, self.summary_path, self.table_path):
                 if os.path.exists(path):
                     os.remove(path)
+        self.replaced = None  # (folder, reason) when earlier results of another model were moved aside
+        config = json.loads(json.dumps(config))
         if os.path.exists(self.config_path):
             with open(self.config_path) as f:
                 previous = json.load(f)
-            if previous != json.loads(json.dumps(config)):
-                changed = sorted(k for k in set(previous) | set(config) if previous.get(k) != config.get(k))
+            old_identity, new_identity = previous.pop(IDENTITY, {}), config.get(IDENTITY, {})
+            settings = {k: v for k, v in config.items() if k != IDENTITY}
+            if previous != settings:
                 raise ValueError(f"{self.records_path} holds results made with other settings (differing: "
-                                 f"{', '.join(changed)}). Use another --output_dir, or --overwrite to start over.")
-        else:
+                                 f"{', '.join(_differences(previous, settings))}); use another --output_dir, or "
+                                 f"--overwrite to start over")
+            if old_identity != new_identity:
+                reason = _identity_change(old_identity, new_identity)
+                self.replaced = (self._move_aside(), reason)
+                print(f"[{task}] not resuming: the results in {output_dir} were made by another model ({reason}); "
+                      f"moved them to {self.replaced[0]} and starting over.", file=log or sys.stderr)
+        if not os.path.exists(self.config_path):
             with open(self.config_path, "w") as f:
                 json.dump(config, f, indent=2)
+
+    def _move_aside(self) -> str:
+        folder = os.path.join(self.output_dir, f"{self.task}.replaced-{time.strftime('%Y%m%dT%H%M%S')}")
+        suffix, unique = 1, folder
+        while os.path.exists(unique):
+            suffix += 1
+            unique = f"{folder}-{suffix}"
+        os.makedirs(unique)
+        for path in (self.records_path, self.config_path, self.summary_path, self.table_path):
+            if os.path.exists(path):
+                os.replace(path, os.path.join(unique, os.path.basename(path)))
+        return unique
 
     def load(self) -> dict:
         """Finished records by sample id; a torn last line (killed mid-write) is ignored and redone."""

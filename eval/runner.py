@@ -10,7 +10,7 @@ from .tasks.base import Generator, Task
 
 
 def run_task(task: Task, generator: Generator, store: ResultStore, chunk_size: int = 64, meta: dict | None = None) -> dict:
-    samples = task.load()
+    samples = task.samples()
     ids = [str(s["id"]) for s in samples]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{task.name}: sample ids are not unique.")
@@ -27,5 +27,7 @@ def run_task(task: Task, generator: Generator, store: ResultStore, chunk_size: i
     records = [done[i] for i in ids]
     summary, table = task.summarize(records)
     summary = {"task": task.name, **summary, "resumed": resumed, "records": store.records_path, **(meta or {})}
+    if store.replaced:
+        summary["replaced"] = {"moved_to": store.replaced[0], "reason": store.replaced[1]}
     store.write_summary(summary, table)
     return summary

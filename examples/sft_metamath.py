@@ -20,6 +20,10 @@ Output (output_dir, ./outputs/sft_metamath by default): the adapter (adapter_mod
 the tokenizer, prompt_template.json, logs.jsonl (every log record, the ba_lora/* terms included),
 training_metrics.json (final metrics and the whole log history), trainer_state.json, TensorBoard runs/ (when
 tensorboard is installed) and, for the embedded default, base_model/ (the base the adapter was trained on).
+
+A mistake in the arguments or the data (a missing, empty or malformed file, unknown columns, an empty completion, a
+model folder that does not exist) stops the job before training with one `error: ...` line and exit code 2;
+BALORA_DEBUG=1 shows the traceback.
 """
 
 import os

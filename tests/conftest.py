@@ -11,17 +11,25 @@ os.environ.setdefault("WANDB_DISABLED", "true")
 
 import pytest
 import torch
+from transformers import TrainerCallback
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+# The first 1,000 rows of the GSM8K train split (MIT, (c) OpenAI: tests/data/GSM8K_LICENSE), shipped with the tests
+# so a fresh clone needs nothing beside the repository.
+GSM8K_TRAIN_SAMPLE = Path(__file__).resolve().parent / "data" / "gsm8k_train_sample.jsonl"
 
 
 def gsm8k_rows(split: str = "train", n: int = 64) -> list[dict]:
-    path = SHARED_DATA / "gsm8k" / f"{split}.jsonl"
-    with open(path) as f:
-        return [json.loads(line) for _, line in zip(range(n), f)]
+    """The first ``n`` GSM8K train rows ({"question", "answer"}) from the shipped sample."""
+    if split != "train":
+        raise ValueError(f"only the GSM8K train sample ships with the tests (asked for {split!r})")
+    with open(GSM8K_TRAIN_SAMPLE) as f:
+        rows = [json.loads(line) for _, line in zip(range(n), f)]
+    if len(rows) < n:
+        raise ValueError(f"{GSM8K_TRAIN_SAMPLE} holds {len(rows)} rows, fewer than the {n} asked for")
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -73,3 +81,16 @@ def cpu_config(output_dir, **kw):
                 logging_steps=1, per_device_train_batch_size=4, dataloader_num_workers=0, seed=0, max_length=256)
     base.update(kw)
     return BALoraConfig(str(output_dir), **base)
+
+
+
+class StopAt(TrainerCallback):
+    """Interrupt the run after optimizer step ``step`` (that step's checkpoint is saved first): the first half of
+    every exact-resume test."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True

@@ -166,7 +166,9 @@ def test_real_machine_qlora_fails_at_start(capsys):
     if preflight.cuda_available() and preflight.is_available("bitsandbytes"):
         pytest.skip("this machine can run QLoRA")
     assert cli.main(["train", "--config", RECIPE, "--load_in_4bit", "true", "--init_lora_weights", "true"]) == 2
-    assert "cannot start here" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.startswith("error: This configuration cannot start here: `load_in_4bit` (QLoRA) needs")
+    assert err.count("\n") == 1  # one line, however many problems
 
 
 def test_init_lora_weights_values():
@@ -206,6 +208,91 @@ def test_eval_delegates_to_eval_cli(monkeypatch):
     sys.modules["eval"].cli = fake
     assert cli.main(["eval", "--task", "gsm8k"]) == 3
     assert calls == [["--task", "gsm8k"]]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a user's mistake: one `error:` line, exit code 2, no traceback (--debug / BALORA_DEBUG=1 keep it); bugs still raise
+# ------------------------------------------------------------------------------------------------------------------
+
+def _merge_raising(monkeypatch, error):
+    import balora_trl.export
+
+    def merge_cli(argv):
+        raise error
+
+    monkeypatch.setattr(balora_trl.export, "merge_cli", merge_cli, raising=False)
+
+
+@pytest.mark.parametrize("error,line", [
+    (ValueError("adapter_model.safetensors in out/ is unreadable: probably truncated"),
+     "error: adapter_model.safetensors in out/ is unreadable: probably truncated"),
+    (FileNotFoundError(2, "No such file or directory", "out/adapter_config.json"),
+     "error: No such file or directory: out/adapter_config.json"),
+    (PreflightError("needs a CUDA GPU"), "error: needs a CUDA GPU"),
+    (OSError("We couldn't connect to the Hub.\n  Check your connection."),  # a library's multi-line message
+     "error: We couldn't connect to the Hub. Check your connection."),
+])
+def test_user_errors_are_one_line_and_exit_2(monkeypatch, capsys, error, line):
+    monkeypatch.delenv("BALORA_DEBUG", raising=False)
+    _merge_raising(monkeypatch, error)
+    assert cli.main(["merge", "--adapter", "out"]) == 2
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_debug_shows_the_traceback_and_bugs_are_not_hidden(monkeypatch):
+    monkeypatch.delenv("BALORA_DEBUG", raising=False)
+    _merge_raising(monkeypatch, ValueError("bad adapter"))
+    with pytest.raises(ValueError, match="bad adapter"):
+        cli.main(["--debug", "merge", "--adapter", "out"])
+    assert "BALORA_DEBUG" not in os.environ  # restored
+    monkeypatch.setenv("BALORA_DEBUG", "1")
+    with pytest.raises(ValueError, match="bad adapter"):
+        cli.main(["merge", "--adapter", "out"])
+    monkeypatch.delenv("BALORA_DEBUG")
+    _merge_raising(monkeypatch, KeyError("a bug"))  # not a user error: keeps its traceback
+    with pytest.raises(KeyError):
+        cli.main(["merge", "--adapter", "out"])
+
+
+def test_a_failed_launch_returns_the_jobs_exit_code(monkeypatch, capsys):
+    """The launched job printed its own error line: `balora train` only passes its exit code on."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def raising(error):
+        def train(argv):
+            raise error
+        return train
+
+    monkeypatch.setattr(cli, "train", raising(subprocess.CalledProcessError(2, ["python", "-m", "balora_trl.sft"])))
+    assert cli.main(["train"]) == 2
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=2, error_file="")
+    monkeypatch.setattr(cli, "train", raising(ChildFailedError("balora_trl.sft", {1: failure})))
+    assert cli.main(["train"]) == 2
+    assert capsys.readouterr().err == ""
+
+
+def _run_balora(*args, cwd):
+    environment = {k: v for k, v in os.environ.items() if k != "BALORA_DEBUG"}
+    environment.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "balora_trl.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          env=environment, timeout=600)
+
+
+def test_train_missing_model_folder_fails_before_launch(tmp_path):
+    result = _run_balora("train", "--model_name_or_path", str(tmp_path / "no_model"), cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == f"error: No such model folder: {tmp_path / 'no_model'}"
+
+
+@pytest.mark.slow
+def test_train_bad_data_fails_in_the_launched_job_with_one_line(tmp_path):
+    """`balora train` launches the job through accelerate: the job's own process prints the one line and exits 2."""
+    (tmp_path / "empty.jsonl").write_text("")
+    result = _run_balora("train", "--dataset_name", "empty.jsonl", "--output_dir", "run", "--num_processes", "1",
+                         cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == "error: empty.jsonl is empty."
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
 # ------------------------------------------------------------------------------------------------------------------

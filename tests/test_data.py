@@ -50,7 +50,7 @@ def test_unknown_columns_error_lists_columns_found_and_formats_supported():
     with pytest.raises(DatasetFormatError) as info:
         to_prompt_completion(Dataset.from_list([{"text": "a", "label": 1}]))
     message = str(info.value)
-    assert "['label', 'text']" in message
+    assert "\n" not in message and "['label', 'text']" in message
     for name, fmt in FORMATS.items():
         assert name in message and ", ".join(fmt.columns) in message
 
@@ -305,6 +305,61 @@ def test_hub_id_offline_says_why(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DatasetLoadError, match="Hugging Face Hub.*HF_HUB_OFFLINE=1"):
         load_dataset_any("balora-trl-tests/no-such-dataset")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# unreadable files: one line naming the file (and the line), never a bare StopIteration or pyarrow's row count
+# ------------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,text", [("empty.jsonl", ""), ("blank.jsonl", "\n  \n"), ("empty.json", ""),
+                                       ("empty.csv", ""), ("empty.parquet", "")])
+def test_empty_file_is_named(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DatasetLoadError) as info:
+        load_dataset_any(str(path))
+    assert str(info.value) == f"{path} is empty."
+    with pytest.raises(DatasetLoadError, match="is empty"):  # through data_files as well
+        load_dataset_any(None, data_files=[str(path)])
+
+
+def test_file_with_a_header_and_no_rows(tmp_path):
+    path = tmp_path / "header.csv"
+    path.write_text("query,response\n")
+    with pytest.raises(DatasetLoadError, match="header.csv holds no rows"):
+        load_dataset_any(str(path))
+
+
+ROWS = [json.dumps({"query": f"q{i}", "response": f"r{i}"}) for i in range(10)]
+
+
+@pytest.mark.parametrize("line6,what", [
+    ('{"query": "q5", "response": "r5"', r"not valid JSON \(Expecting ',' delimiter, column 33\)"),  # cut short
+    ("this is not json", r"not valid JSON \(Expecting value, column 1\)"),
+    (ROWS[5] + "}", r"not valid JSON \(Extra data, column 34\)"),
+    ("[1, 2]", r"a JSON list, but each line must be one object"),
+])
+def test_bad_json_line_names_the_file_and_the_line(tmp_path, line6, what):
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(ROWS[:5] + [line6] + ROWS[6:]) + "\n")
+    with pytest.raises(DatasetLoadError, match=rf"^{path}, line 6: {what}") as info:
+        load_dataset_any(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_bad_json_document_names_the_line(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text("[\n" + ROWS[0] + ",\n" + ROWS[1] + ",,\n]\n")
+    with pytest.raises(DatasetLoadError, match=rf"^{path}, line 3: not valid JSON"):
+        load_dataset_any(str(path))
+
+
+def test_missing_local_file_is_not_looked_up_on_the_hub(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    with pytest.raises(DatasetLoadError, match=rf"^No such dataset file: {missing}$"):
+        load_dataset_any(str(missing))
+    with pytest.raises(DatasetLoadError, match=rf"^No such dataset file: {missing}$"):
+        load_dataset_any(None, data_files=[str(missing)])
 
 
 def test_sample_path_is_inside_the_package():

@@ -1,34 +1,38 @@
 """GSM8K and MATH answer extraction and comparison."""
 
+"""GSM8K and MATH answer extraction and comparison, under both protocols (``default`` and ``authors``)."""
+
 import json
 import os
 from fractions import Fraction
-from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-from eval.tasks.gsm8k import GSM8K, extract_answer, gold_answer, is_correct, to_number
-from eval.tasks.math import MATH, extract_answer as math_extract, is_equivalent, last_boxed
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from eval.data import packaged
+from eval.tasks.gsm8k import GSM8K, authors_extract, authors_is_correct, extract_answer, gold_answer, is_correct, \
+    to_number
+from eval.tasks.math import MATH, authors_extract as math_authors_extract, authors_is_equivalent, \
+    extract_answer as math_extract, hendrycks_normalize, is_equivalent, last_boxed
 
 
 def gsm8k_test_rows():
-    with open(SHARED_DATA / "gsm8k" / "test.jsonl") as f:
+    with open(packaged("gsm8k_test.jsonl")) as f:  # shipped with the harness (MIT)
         return [json.loads(line) for line in f]
 
 
 def test_gsm8k_gold_solutions_score_100_percent_and_wrong_numbers_are_rejected():
     rows = gsm8k_test_rows()
     assert len(rows) == 1319
-    task = GSM8K(data_file=str(SHARED_DATA / "gsm8k" / "test.jsonl"))
+    task = GSM8K()  # the shipped test split by default
     samples = task.load()
     records = task.score(samples, [r["answer"] for r in rows])  # the reference solutions as generations
     assert sum(r["correct"] for r in records) == 1319
     summary, table = task.summarize([{**r, "id": s["id"]} for r, s in zip(records, samples)])
-    assert summary["accuracy"] == 100.0 and "| gsm8k | 1319 | 1319 | 100.00 |" in table
+    assert summary["accuracy"] == 100.0 and "| gsm8k | default | 1319 | 1319 | 100.00 |" in table
+    # The reference solutions end in "#### N", not "The answer is: N": the authors' extraction finds nothing.
+    assert summary["accuracy_by_protocol"]["authors"] == 0.0
     for row in rows:
         gold = gold_answer(row["answer"])
         wrong = to_number(gold) + 1
@@ -97,6 +101,87 @@ def test_math_equivalence(generation, gold, correct):
     assert is_equivalent(math_extract(generation), gold, generation) is correct
 
 
+# The authors' GSM8K protocol (utils/test_acc.py) case by case, beside the default one on the same text.
+@pytest.mark.parametrize("generation, gold, default, authors", [
+    ("9 * 2 = 18 dollars.\nThe answer is: 18", "18", True, True),
+    ("The answer is: 17.6", "18", False, True),  # rounded: 17.6 counts for 18
+    ("The answer is: 18.4", "18", False, True),
+    ("The answer is: 2.5", "2", False, True),  # Python's round: half to even
+    ("The answer is: 3.5", "4", False, True),
+    ("The answer is 18", "18", True, False),  # no colon: the authors' marker is exactly "The answer is: "
+    ("so 9 * 2 = 18\n#### 18", "18", True, False),  # GSM8K's marker: only ours
+    ("She makes 9 * 2 = $18 every day.", "18", True, False),  # last-number fallback: only ours
+    ("The answer is: 1,000", "1000", True, True),
+    ("The answer is: 1,234,567", "1234567", True, False),  # their pattern stops at "1,234"
+    ("The answer is: $18.00", "18", True, True),
+    ("The answer is: -3", "-3", True, True),
+    ("The answer is: 7/2", "4", False, True),  # 3.5 rounds to 4
+    ("The answer is: 5/0", "5", False, True),  # a/0 is round(a) for them
+    ("The answer is: 12\nThe answer is: 18", "18", True, True),  # the last marker
+    ("The answer is: 18 apples, not 20", "18", True, True),
+    ("The answer is: eighteen", "18", False, False),
+])
+def test_gsm8k_protocols_case_by_case(generation, gold, default, authors):
+    assert is_correct(extract_answer(generation), gold) is default
+    assert authors_is_correct(authors_extract(generation), gold) is authors
+
+
+def test_gsm8k_authors_protocol_settings_and_scores_on_the_same_generations():
+    task = GSM8K(protocol="authors", limit=2)
+    assert task.settings == {"max_new_tokens": 1024, "prompt_suffix": " Let's think step by step.",
+                             "stop": ("Instruction", "Response")}
+    assert GSM8K().settings["max_new_tokens"] == 512 and GSM8K().settings["prompt_suffix"] == ""
+    samples = task.load()
+    gens = [f"... The answer is: {int(samples[0]['gold']) + 0.4}", f"#### {samples[1]['gold']}"]
+    records = task.score(samples, gens)
+    assert [r["correct"] for r in records] == [True, False]  # the run's protocol: the authors'
+    assert [r["by_protocol"]["default"]["correct"] for r in records] == [False, True]
+    summary, table = task.summarize([{**r, "id": s["id"]} for r, s in zip(records, samples)])
+    assert summary["protocol"] == "authors" and summary["accuracy"] == 50.0
+    assert summary["accuracy_by_protocol"] == {"authors": 50.0, "default": 50.0}
+    assert "| gsm8k | authors | 2 | 1 | 50.00 |" in table and "default (scoring only, same generations)" in table
+    with pytest.raises(ValueError, match="unknown protocol"):
+        GSM8K(protocol="paper")
+
+
+@pytest.mark.parametrize("text, normalized", [
+    ("\\frac12", "\\frac{1}{2}"), ("\\dfrac{1}{2}", "\\frac{1}{2}"), ("0.5", "\\frac{1}{2}"),
+    ("3/4", "\\frac{3}{4}"), ("k = 3", "3"), ("x+y = 3", "x+y=3"), ("\\sqrt3", "\\sqrt{3}"),
+    ("10\\%", "10"), ("90^\\circ", "90"), ("\\left( 1, 2 \\right)", "(1,2)"), (".25", "0.25"),
+    ("5 \\text{ cm}", "5"), ("\\$18", "18"),
+])
+def test_hendrycks_normalization(text, normalized):
+    assert hendrycks_normalize(text) == normalized
+
+
+# The authors' MATH protocol: only "The answer is: X" counts, compared as normalised strings; the default protocol
+# accepts a boxed answer and mathematical equivalence.
+@pytest.mark.parametrize("generation, gold, default, authors", [
+    ("So we get 1/2.\nThe answer is: \\frac{1}{2}", "\\frac{1}{2}", True, True),
+    ("The answer is: \\frac12.", "\\frac{1}{2}", True, True),  # final "." dropped, \frac12 braced
+    ("The answer is: 0.5", "\\frac{1}{2}", True, True),
+    ("The answer is: (1, 2)", "(1,2)", True, True),  # spaces removed
+    ("The answer is: x^2+1", "1+x^2", True, False),  # equivalent, not the same string
+    ("The answer is: \\frac{2}{4}", "\\frac{1}{2}", True, False),
+    ("The answer is: 2\\sqrt{2}", "\\sqrt{8}", True, False),
+    ("Thus $x = \\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}", True, False),  # boxed, no marker: wrong for them
+    ("\\boxed{5}\nThe answer is: 5", "5", True, True),
+    ("The answer is: 5.\nThe answer is: 6", "5", False, False),  # both take the last answer
+    ("The answer is: 6", "5", False, False),
+    ("we conclude it is 7", "7", True, False),  # math-verify reads the text; the authors need the marker
+])
+def test_math_protocols_case_by_case(generation, gold, default, authors):
+    assert is_equivalent(math_extract(generation), gold, generation) is default
+    extracted = math_authors_extract(generation)
+    assert (extracted is not None and authors_is_equivalent(extracted, gold)) is authors
+
+
+def test_math_authors_extraction_stops_at_the_first_sentence_end():
+    assert math_authors_extract("x\nThe answer is: 3.\nBecause 1+2=3.") == "3"
+    assert math_authors_extract("The answer is: 3.5") == "3.5"  # "." followed by a digit is not an end
+    assert math_authors_extract("no marker") is None
+
+
 def test_math_local_file_uses_answer_field_or_boxed_solution(tmp_path):
     rows = [
         {"problem": "1+1?", "solution": "It is $\\boxed{2}$.", "level": "Level 1", "type": "Algebra"},
@@ -110,4 +195,7 @@ def test_math_local_file_uses_answer_field_or_boxed_solution(tmp_path):
     assert [s["id"] for s in samples] == ["0", "test/x/1.json"]
     records = task.score(samples, ["The answer is: 2", "so \\boxed{0.5}"])
     assert [r["correct"] for r in records] == [True, True]
+    assert [r["by_protocol"]["authors"]["correct"] for r in records] == [True, False]
+    authors = MATH(data_file=str(path), protocol="authors")
+    assert [r["correct"] for r in authors.score(samples, ["The answer is: 2", "so \\boxed{0.5}"])] == [True, False]
     assert [r["verdict"] for r in task.score(samples, ["\\boxed{3}", "\\boxed{0.25}"])] == ["wrong", "wrong"]

@@ -4,6 +4,7 @@ formats), backend selection, and vLLM's lazy import / API wiring (vLLM itself ne
 import importlib.machinery
 import importlib.util
 import os
+import re
 import sys
 import types
 
@@ -214,3 +215,55 @@ def test_vllm_backend_wiring_with_an_adapter(monkeypatch, model_dir, tmp_path):
 
     merged = backends.VLLMBackend(model_dir)
     assert "enable_lora" not in _FakeLLM.instances[-1].kwargs and merged.lora_request is None
+
+
+@pytest.mark.parametrize("change, reason", [
+    (dict(rank_pattern={"model.layers.0.self_attn.q_proj": 4}), "rank_pattern"),
+    (dict(alpha_pattern={"model.layers.0.self_attn.q_proj": 32}), "alpha_pattern"),
+    (dict(use_dora=True), "DoRA"),
+    (dict(modules_to_save=["lm_head"]), "modules_to_save (lm_head)"),
+    (dict(init_lora_weights="pissa"), "pissa in residual form"),
+    (dict(init_lora_weights="pissa_niter_4"), "pissa_niter_4 in residual form"),
+])
+def test_vllm_refuses_adapters_it_would_run_wrongly_before_loading(monkeypatch, model_dir, tmp_path, change, reason):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    _install_fake_vllm(monkeypatch)
+    adapter_dir = str(tmp_path / "adapter")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
+                   LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"])).save_pretrained(adapter_dir)
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    config = json.load(open(path))
+    assert backends.adapter_problems(config, "vllm") == []  # a plain LoRA runs as trained
+    config.update(change)
+    json.dump(config, open(path, "w"))
+    loaded = len(_FakeLLM.instances)
+    with pytest.raises(ValueError, match=rf"cannot evaluate the adapter .*{re.escape(reason)}.*balora merge"):
+        backends.VLLMBackend(adapter_dir)
+    assert len(_FakeLLM.instances) == loaded  # refused before vLLM loaded anything
+    # Patterns equal to the global r / alpha change nothing: allowed.
+    assert backends.adapter_problems({"r": 8, "lora_alpha": 16, "rank_pattern": {"x": 8},
+                                      "alpha_pattern": {"x": 16}}, "vllm") == []
+
+
+def test_transformers_runs_every_lora_variant_but_a_residual_it_cannot_recompute():
+    assert backends.adapter_problems({"use_dora": True, "modules_to_save": ["lm_head"], "rank_pattern": {"a": 2}},
+                                     "transformers") == []
+    assert backends.adapter_problems({"init_lora_weights": "pissa"}, "transformers") == []  # PEFT recomputes it
+    assert backends.adapter_problems({"init_lora_weights": True}, "transformers") == []  # converted
+    assert backends.adapter_problems({"init_lora_weights": "pissa_niter_4"}, "transformers") == [
+        "pissa_niter_4 in residual form, whose residual PEFT cannot recompute on load"]
+
+
+def test_model_identity_changes_when_the_folder_is_rewritten(tmp_path):
+    folder = tiny_model_dir(str(tmp_path / "m"), seed=0)
+    first = backends.model_identity(folder, backend="transformers", dtype="float32")
+    assert first == backends.model_identity(folder, backend="transformers", dtype="float32")
+    assert "model.safetensors" in first["files"] and "prompt_template.json" in first["files"]
+    assert first != backends.model_identity(folder, backend="vllm", dtype="float32")
+    assert first != backends.model_identity(folder, backend="transformers", dtype="bfloat16")
+    tiny_model_dir(folder, seed=1)
+    assert backends.model_identity(folder, backend="transformers", dtype="float32")["files"] != first["files"]

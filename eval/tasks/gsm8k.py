@@ -1,8 +1,18 @@
-"""GSM8K accuracy: the final number of a solution, compared as a number.
+"""GSM8K accuracy under two named protocols, both computed on every generation.
 
-Extraction, first that matches: MetaMath's "The answer is: N" (the format BA-LoRA/PiSSA models are trained on),
-GSM8K's "#### N", else the last number in the text. Comparison is exact over rationals, so "1,000" == "1000",
-"0.50" == "1/2" == "\\frac{1}{2}", "$18.00" == "18".
+``default`` (lenient, clean): the prompt is the model's training prompt; the answer is MetaMath's "The answer is: N"
+(the format BA-LoRA/PiSSA models are trained on), else GSM8K's "#### N", else the last number in the text; it is
+compared exactly over rationals, so "1,000" == "1000", "0.50" == "1/2" == "\\frac{1}{2}", "$18.00" == "18".
+
+``authors``: what the BA-LoRA release's scripts do (``inference/gsm8k_inference.py``, ``utils/test_acc.py``): the
+prompt ends with "### Response: Let's think step by step.", 1024 new tokens, generation stops at "Instruction" or
+"Response"; only text after the last "The answer is: " counts, its first number (``[-+]?\\d*[.,/]?\\d+``) is
+rounded to an integer (Python's ``round``: 17.6 counts for 18, 2.5 for 2) and compared with the gold integer.
+
+The protocol chosen for a run sets the prompt and the headline number; the other protocol's extraction is applied to
+the same generations too, so both accuracies are in the summary.
+
+Data: the GSM8K test split (1,319 problems, MIT) ships in ``eval/data/gsm8k_test.jsonl``: no download.
 """
 
 from __future__ import annotations
@@ -10,15 +20,17 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from ..data import hub_rows, limit_rows, read_rows
+from ..data import limit_rows, packaged, read_rows
 from .base import Task
 
-HUB = ("openai/gsm8k", "main", "test")
+PACKAGED = "gsm8k_test.jsonl"
 
 _UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|\.\d+"
 NUMBER = re.compile(rf"-?(?:{_UNSIGNED})(?:\s*/\s*(?:{_UNSIGNED}))?")
 _MARKERS = (re.compile(r"The answer is:?", re.IGNORECASE), re.compile(r"####"))
 _FRAC = re.compile(r"\\[dt]?frac\{\s*(-?[\d.,]+)\s*\}\{\s*(-?[\d.,]+)\s*\}")
+AUTHORS_MARKER = "The answer is: "
+_AUTHORS_NUMBER = re.compile(r"[-+]?\d*[.,/]?\d+")
 
 
 def _clean(text: str) -> str:
@@ -27,7 +39,7 @@ def _clean(text: str) -> str:
 
 
 def extract_answer(text: str) -> str | None:
-    """The answer string of a solution (see module docstring), or None when it holds no number."""
+    """The answer string of a solution under the default protocol, or None when it holds no number."""
     text = _clean(text)
     for marker in _MARKERS:
         hits = list(marker.finditer(text))
@@ -55,6 +67,37 @@ def is_correct(prediction: str | None, gold: str) -> bool:
     return predicted is not None and expected is not None and predicted == expected
 
 
+def authors_extract(text: str) -> int | None:
+    """The authors' ``extract_answer_number``: the rounded first number after the last "The answer is: ".
+
+    A fraction a/b is a/b rounded (a/0 gives round(a)); commas are dropped ("1,000" -> 1000, but their pattern
+    stops "1,234,567" at "1,234"); no marker, no number or an infinite one gives None.
+    """
+    parts = text.split(AUTHORS_MARKER)
+    if len(parts) < 2:
+        return None
+    match = _AUTHORS_NUMBER.search(parts[-1].strip())
+    if match is None:
+        return None
+    number = match.group(0)
+    if "/" in number:  # the pattern allows one of [.,/]: an integer over an integer
+        numerator, denominator = number.split("/")
+        if not numerator.lstrip("+-"):
+            return None
+        if int(denominator) == 0:
+            return round(float(numerator))
+        return round(int(numerator) / int(denominator))
+    value = float(number.replace(",", ""))
+    if value in (float("inf"), float("-inf")):
+        return None
+    return round(value)
+
+
+def authors_is_correct(prediction: int | None, gold: str) -> bool:
+    expected = to_number(gold)
+    return prediction is not None and expected is not None and Fraction(prediction) == expected
+
+
 def gold_answer(solution: str) -> str:
     """The number after '####' in a GSM8K reference solution."""
     return solution.split("####")[-1].strip()
@@ -63,12 +106,21 @@ def gold_answer(solution: str) -> str:
 class GSM8K(Task):
     name = "gsm8k"
     max_new_tokens = 512
+    protocols = {
+        "default": dict(max_new_tokens=512),
+        "authors": dict(max_new_tokens=1024, prompt_suffix=" Let's think step by step.",
+                        stop=("Instruction", "Response")),
+    }
 
     def load(self):
-        rows = read_rows(self.data_file) if self.data_file else hub_rows(self.dataset or HUB[0], *HUB[1:])
+        rows = read_rows(self.data_file) if self.data_file else (
+            self.hub_rows(self.dataset, "main", "test") if self.dataset else read_rows(packaged(PACKAGED)))
         samples = []
         for i, row in enumerate(rows):
-            question = row.get("question") or row.get("query") or row["problem"]
+            question = row.get("question") or row.get("query") or row.get("problem")
+            if question is None or row.get("answer") is None:
+                raise ValueError(f"{self.data_file or PACKAGED}: row {i + 1} has no 'question' (or 'query'/'problem') "
+                                 f"and 'answer' fields.")
             answer = str(row["answer"])
             samples.append({"id": str(row.get("id", i)), "question": question,
                             "gold": gold_answer(answer) if "####" in answer else answer})
@@ -80,8 +132,11 @@ class GSM8K(Task):
     def score(self, samples, generations):
         records = []
         for sample, generation in zip(samples, generations):
-            extracted = extract_answer(generation)
-            correct = is_correct(extracted, sample["gold"])
-            records.append({"extracted": extracted, "gold": sample["gold"], "correct": correct,
-                            "verdict": "correct" if correct else "wrong"})
+            default = extract_answer(generation)
+            authors = authors_extract(generation)
+            by_protocol = {"default": {"extracted": default, "correct": is_correct(default, sample["gold"])},
+                           "authors": {"extracted": authors, "correct": authors_is_correct(authors, sample["gold"])}}
+            chosen = by_protocol[self.protocol]
+            records.append({"extracted": chosen["extracted"], "gold": sample["gold"], "correct": chosen["correct"],
+                            "verdict": "correct" if chosen["correct"] else "wrong", "by_protocol": by_protocol})
         return records

@@ -1,9 +1,18 @@
-"""MATH accuracy: the model's final answer, checked for mathematical equivalence by ``math-verify``.
+"""MATH accuracy under two named protocols, both computed on every generation.
 
-The answer is the last ``\\boxed{...}`` (``\\fbox``) of the generation, else MetaMath's "The answer is: X", else
-whatever math-verify finds in the whole text. The gold answer is the dataset's ``answer`` field or the last boxed
-expression of its reference ``solution``. Default data: the 5,000-problem MATH test set (EleutherAI/hendrycks_math,
-all seven subjects); ``--dataset HuggingFaceH4/MATH-500`` or ``--data_file`` for others.
+``default``: the model's final answer, checked for mathematical equivalence by ``math-verify``. The answer is the
+last ``\\boxed{...}`` (``\\fbox``) of the generation, else MetaMath's "The answer is: X", else whatever math-verify
+finds in the whole text.
+
+``authors``: what the BA-LoRA release does (``inference/math_inference.py``, ``utils/test_acc.py``): prompt ending in
+"### Response: Let's think step by step.", 1024 new tokens; the answer is the text after the last "The answer is: "
+up to the first ".\\n", without a final "."; it must equal the gold answer after Hendrycks et al.'s string
+normalisation (:func:`hendrycks_normalize`). No marker: wrong. Stricter than math-verify: "0.5" matches "\\frac12"
+but "(1, 2)" vs "(1,2)" only through the space rule, "x^2+1" never matches "1+x^2".
+
+The gold answer is the dataset's ``answer`` field or the last boxed expression of its reference ``solution``.
+Default data: the 5,000-problem MATH test set (EleutherAI/hendrycks_math, all seven subjects) from the Hub;
+``--dataset HuggingFaceH4/MATH-500`` or ``--data_file`` for others (offline: ``--data_file``).
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import threading
 
 from math_verify import parse, verify
 
-from ..data import hub_rows, limit_rows, read_rows
+from ..data import limit_rows, read_rows
 from .base import Task
 
 HUB = "EleutherAI/hendrycks_math"
@@ -56,6 +65,99 @@ def extract_answer(text: str) -> str | None:
     return None
 
 
+class _Unnormalizable(Exception):
+    """The authors' normaliser raised: their comparison falls back to the raw strings."""
+
+
+def _sqrt_braces(text: str) -> str:
+    pieces = text.split("\\sqrt")
+    out = pieces[0]
+    for piece in pieces[1:]:
+        if not piece:
+            raise _Unnormalizable
+        out += "\\sqrt" + (piece if piece[0] == "{" else "{" + piece[0] + "}" + piece[1:])
+    return out
+
+
+def _frac_braces(text: str) -> str:
+    pieces = text.split("\\frac")
+    out = pieces[0]
+    for piece in pieces[1:]:
+        out += "\\frac"
+        if not piece:
+            raise _Unnormalizable
+        if piece[0] == "{":
+            out += piece
+        elif len(piece) < 2:
+            return text  # "\\frac1": left as it was
+        elif piece[1] != "{":
+            out += "{" + piece[0] + "}{" + piece[1] + "}" + piece[2:]
+        else:
+            out += "{" + piece[0] + "}" + piece[1:]
+    return out
+
+
+def _slash_to_frac(text: str) -> str:
+    parts = text.split("/")
+    if len(parts) != 2:
+        return text
+    try:
+        a, b = int(parts[0]), int(parts[1])
+    except ValueError:
+        raise _Unnormalizable from None
+    return f"\\frac{{{a}}}{{{b}}}" if text == f"{a}/{b}" else text
+
+
+def hendrycks_normalize(text: str) -> str:
+    """Hendrycks et al.'s MATH answer normalisation, as the authors' ``test_acc.py`` applies it (re-implemented here;
+    no maintained package ships it). In order: drop newlines, ``\\!``, ``\\left``/``\\right``, degrees, ``\\$``,
+    ``\\%`` and a trailing ``\\text{ unit}``; ``\\\\`` -> ``\\``; tfrac/dfrac -> frac; leading "." -> "0.";
+    "k = 3" -> "3" (left side of at most 2 characters); ``\\sqrt3`` -> ``\\sqrt{3}``; spaces removed;
+    ``\\frac12`` -> ``\\frac{1}{2}``; "0.5" -> ``\\frac{1}{2}``; "a/b" (integers) -> ``\\frac{a}{b}``.
+    Raises :class:`_Unnormalizable` where theirs raises."""
+    text = text.replace("\n", "").replace("\\!", "").replace("\\\\", "\\")
+    text = text.replace("tfrac", "frac").replace("dfrac", "frac").replace("\\left", "").replace("\\right", "")
+    text = text.replace("^{\\circ}", "").replace("^\\circ", "").replace("\\$", "")
+    if "\\text{ " in text:
+        parts = text.split("\\text{ ")
+        if len(parts) != 2:
+            raise _Unnormalizable
+        text = parts[0]
+    text = text.replace("\\%", "").replace(" .", " 0.").replace("{.", "{0.")
+    if not text:
+        return text
+    if text[0] == ".":
+        text = "0" + text
+    sides = text.split("=")
+    if len(sides) == 2 and len(sides[0]) <= 2:
+        text = sides[1]
+    text = _frac_braces(_sqrt_braces(text).replace(" ", ""))
+    if text == "0.5":
+        text = "\\frac{1}{2}"
+    return _slash_to_frac(text)
+
+
+def authors_extract(text: str) -> str | None:
+    """The authors' answer: after the last "The answer is: ", up to the first ".\\n", stripped, one final "." cut."""
+    parts = text.split("The answer is: ")
+    if len(parts) < 2:
+        return None
+    answer = parts[-1].split(".\n")[0].strip()
+    if answer.endswith("."):
+        answer = answer[:-1]
+    return answer.strip()
+
+
+def authors_is_equivalent(prediction: str | None, gold: str | None) -> bool:
+    """``is_equiv`` of the authors' ``test_acc.py``: normalised strings equal (raw strings where normalising fails)."""
+    if prediction is None or gold is None:
+        return prediction is None and gold is None
+    try:
+        return hendrycks_normalize(prediction) == hendrycks_normalize(gold)
+    except _Unnormalizable:
+        return prediction == gold
+
+
 def _timeouts() -> dict:
     # math-verify's timeouts use SIGALRM, which only the main thread may set.
     if threading.current_thread() is threading.main_thread():
@@ -73,14 +175,20 @@ def is_equivalent(prediction: str | None, gold: str, generation: str = "") -> bo
 class MATH(Task):
     name = "math"
     max_new_tokens = 1024
+    protocols = {
+        "default": dict(max_new_tokens=1024),
+        "authors": dict(max_new_tokens=1024, prompt_suffix=" Let's think step by step.",
+                        stop=("Instruction", "Response")),
+    }
+    hub_hint = "a .jsonl with 'problem' and 'solution' or 'answer' fields, e.g. MATH's test split"
 
     def load(self):
         if self.data_file:
             rows = read_rows(self.data_file)
         elif self.dataset:
-            rows = hub_rows(self.dataset, split="test")
+            rows = self.hub_rows(self.dataset, split="test")
         else:
-            rows = [row for subject in SUBJECTS for row in hub_rows(HUB, subject, "test")]
+            rows = [row for subject in SUBJECTS for row in self.hub_rows(HUB, subject, "test")]
         samples = []
         for i, row in enumerate(rows):
             gold = row.get("answer")
@@ -99,9 +207,15 @@ class MATH(Task):
     def score(self, samples, generations):
         records = []
         for sample, generation in zip(samples, generations):
-            extracted = extract_answer(generation)
-            correct = is_equivalent(extracted, sample["gold"], generation)
-            records.append({"extracted": extracted, "gold": sample["gold"], "correct": correct,
-                            "verdict": "correct" if correct else "wrong", "type": sample["type"],
-                            "level": sample["level"]})
+            default = extract_answer(generation)
+            authors = authors_extract(generation)
+            by_protocol = {
+                "default": {"extracted": default, "correct": is_equivalent(default, sample["gold"], generation)},
+                "authors": {"extracted": authors,
+                            "correct": authors is not None and authors_is_equivalent(authors, sample["gold"])},
+            }
+            chosen = by_protocol[self.protocol]
+            records.append({"extracted": chosen["extracted"], "gold": sample["gold"], "correct": chosen["correct"],
+                            "verdict": "correct" if chosen["correct"] else "wrong", "type": sample["type"],
+                            "level": sample["level"], "by_protocol": by_protocol})
         return records

@@ -1,10 +1,18 @@
-"""MT-Bench: both turns of the 80 questions are generated; a judge model scores the first turn, FastChat style.
+"""MT-Bench as FastChat's ``llm_judge`` scores it (single-answer grading): both turns answered, both turns judged.
 
-The judge is any OpenAI-compatible chat endpoint. Prompts are FastChat's single-answer grading prompts
-(``single-v1``; ``single-math-v1`` with GPT-4's reference answer for math, reasoning and coding), the score is
-the ``[[N]]`` of the judgment (FastChat's ``[N]`` backup), 1-10. A judgment without a score is asked again
-(``retries`` times, sampled, since a greedy judge would repeat itself); one that still has none is recorded with
-verdict ``unparseable``, counted in the summary and left out of the means — never dropped silently.
+Answers: turn 2 is prompted with the model's own turn-1 answer. Sampling temperature per category, FastChat's
+(``TEMPERATURE``: 0.7 writing/roleplay, 0.1 stem/humanities, 0.0 math/reasoning/coding/extraction; below 1e-4 is
+greedy), unless ``--temperature`` is given.
+
+Judgments, through any OpenAI-compatible chat endpoint at temperature 0: turn 1 with ``single-v1`` (``single-math-v1``
+with GPT-4's reference answer for math, reasoning and coding), turn 2 with ``single-v1-multi-turn``
+(``single-math-v1-multi-turn``, both reference turns), which show the whole conversation and ask about the second
+answer. Rating: the first ``[[N]]`` of the judgment, else the first ``[N]``; any number is kept (FastChat does not
+range-check); none gives -1. Ratings of -1 are recorded and excluded from every mean. Scores: turn 1 mean, turn 2 mean,
+and the headline — FastChat's "Average": the mean of every rating other than -1, both turns pooled (equal to the
+mean of the two turn means when no rating is -1). Questions without a second turn get no turn-2 judgment.
+
+Option (not FastChat): ``retries`` > 0 asks again, sampled at 0.7, for a judgment without a rating before giving -1.
 
 The questions, judge prompts and reference answers ship in ``eval/data`` (lm-sys/FastChat, Apache-2.0; see
 ``eval/data/LICENSE``).
@@ -12,6 +20,7 @@ The questions, judge prompts and reference answers ship in ``eval/data`` (lm-sys
 
 from __future__ import annotations
 
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,29 +35,30 @@ JUDGE_PROMPTS = "mt_bench_judge_prompts.jsonl"
 REFERENCES = "mt_bench_reference_answer_gpt-4.jsonl"
 NEED_REFERENCE = ("math", "reasoning", "coding")
 CATEGORIES = ("writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities")
+TEMPERATURE = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "math": 0.0, "coding": 0.0, "reasoning": 0.0,
+               "stem": 0.1, "humanities": 0.1}
+DEFAULT_TEMPERATURE = 0.7  # FastChat's for a category not in the table
+NO_RATING = -1
 _SCORE = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 _SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 
 
-def parse_score(judgment: str | None) -> float | None:
-    """The 1-10 rating of a judgment: the first ``[[N]]``, else the first ``[N]``; None if absent or out of range."""
-    if not judgment:
-        return None
-    match = _SCORE.search(judgment) or _SCORE_BACKUP.search(judgment)
-    if not match:
-        return None
-    score = float(match.group(1))
-    return score if 1 <= score <= 10 else None
+def parse_score(judgment: str | None) -> float:
+    """FastChat's rule: the first ``[[N]]``, else the first ``[N]``; ``NO_RATING`` (-1) when there is none."""
+    match = (_SCORE.search(judgment) or _SCORE_BACKUP.search(judgment)) if judgment else None
+    return float(match.group(1)) if match else NO_RATING
+
+
+def category_temperature(category: str) -> float:
+    return TEMPERATURE.get(category, DEFAULT_TEMPERATURE)
 
 
 class Judge:
-    """Scores answers through an OpenAI-compatible chat endpoint."""
+    """Scores answers through an OpenAI-compatible chat endpoint (temperature 0, like FastChat's GPT-4 judge)."""
 
-    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, retries: int = 2,
+    def __init__(self, model: str, base_url: str | None = None, api_key: str | None = None, retries: int = 0,
                  max_tokens: int = 2048, retry_temperature: float = 0.7, concurrency: int = 8,
                  timeout_s: float = 600.0):
-        import os
-
         from openai import OpenAI
 
         self.model = model
@@ -58,6 +68,10 @@ class Judge:
         self.max_tokens = max_tokens
         self.retry_temperature = retry_temperature
         self.concurrency = concurrency
+
+    @property
+    def protocol(self) -> str:
+        return "fastchat" if not self.retries else f"fastchat+retries={self.retries}"
 
     def rate(self, system: str, user: str) -> dict:
         judgments = []
@@ -70,9 +84,10 @@ class Judge:
             judgment = response.choices[0].message.content or ""
             judgments.append(judgment)
             score = parse_score(judgment)
-            if score is not None:
-                return {"score": score, "judgment": judgment, "attempts": attempt + 1}
-        return {"score": None, "judgment": judgments[-1], "attempts": len(judgments), "judgments": judgments}
+            if score != NO_RATING:
+                break
+        return {"score": score, "judgment": judgments[-1], "attempts": len(judgments),
+                **({"judgments": judgments} if len(judgments) > 1 else {})}
 
     def rate_many(self, requests: list[tuple[str, str]]) -> list[dict]:
         with ThreadPoolExecutor(self.concurrency) as pool:
@@ -84,84 +99,136 @@ def _by_name(rows: list[dict]) -> dict:
     return {row["name"]: row for row in rows}
 
 
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
 class MTBench(Task):
     name = "mt_bench"
     max_new_tokens = 1024
+    protocols = {"default": {}, "authors": {}}  # the authors judged with FastChat too: one protocol, two names
 
-    def __init__(self, *args, judge: Judge | None = None, **kw):
+    def __init__(self, *args, judge: Judge | None = None, temperature: float | None = None, **kw):
         super().__init__(*args, **kw)
         self.judge = judge
+        self.temperature = temperature  # None: FastChat's per-category table
         prompts = _by_name(read_rows(packaged(JUDGE_PROMPTS)))
-        self.prompts = {"general": prompts["single-v1"], "reference": prompts["single-math-v1"]}
+        self.prompts = {(False, 1): prompts["single-v1"], (True, 1): prompts["single-math-v1"],
+                        (False, 2): prompts["single-v1-multi-turn"], (True, 2): prompts["single-math-v1-multi-turn"]}
         self.references = {str(r["question_id"]): r["choices"][0]["turns"] for r in read_rows(packaged(REFERENCES))}
 
     def load(self):
         rows = read_rows(self.data_file or packaged(QUESTIONS))
-        samples = [{"id": str(r["question_id"]), "category": r["category"], "turns": list(r["turns"]),
-                    "reference": r.get("reference")} for r in rows]
+        samples = []
+        for i, r in enumerate(rows):
+            if "question_id" not in r or "category" not in r or not r.get("turns"):
+                raise ValueError(f"{self.data_file or QUESTIONS}: row {i + 1} needs 'question_id', 'category' and "
+                                 f"'turns' (FastChat's question.jsonl format).")
+            samples.append({"id": str(r["question_id"]), "category": r["category"], "turns": list(r["turns"]),
+                            "reference": r.get("reference")})
         return limit_rows(samples, self.limit)
 
-    def judge_request(self, sample: dict, answer: str) -> tuple[str, str, str]:
-        """(prompt name, system, user) of the first-turn judgment."""
-        question = sample["turns"][0]
-        if sample["category"] in NEED_REFERENCE:
-            spec = self.prompts["reference"]
+    def sampling_temperature(self, sample: dict) -> float:
+        return self.temperature if self.temperature is not None else category_temperature(sample["category"])
+
+    def judge_request(self, sample: dict, answers: list[str], turn: int) -> tuple[str, str, str]:
+        """(prompt name, system, user) of the judgment of ``turn`` (1 or 2)."""
+        with_reference = sample["category"] in NEED_REFERENCE
+        spec = self.prompts[(with_reference, turn)]
+        fields = {}
+        if with_reference:
             reference = self.references.get(sample["id"]) or sample.get("reference")
-            if not reference:
-                raise ValueError(f"MT-Bench question {sample['id']} ({sample['category']}) has no reference answer.")
-            user = spec["prompt_template"].format(question=question, answer=answer, ref_answer_1=reference[0])
+            if not reference or len(reference) < turn:
+                raise ValueError(f"MT-Bench question {sample['id']} ({sample['category']}) has no reference answer "
+                                 f"for turn {turn}.")
+            fields.update({f"ref_answer_{i + 1}": text for i, text in enumerate(reference[:2])})
+        if turn == 1:
+            fields.update(question=sample["turns"][0], answer=answers[0])
         else:
-            spec = self.prompts["general"]
-            user = spec["prompt_template"].format(question=question, answer=answer)
-        return spec["name"], spec["system_prompt"], user
+            fields.update(question_1=sample["turns"][0], question_2=sample["turns"][1], answer_1=answers[0],
+                          answer_2=answers[1])
+        # str.format like FastChat: the templates' only braces are these fields.
+        return spec["name"], spec["system_prompt"], spec["prompt_template"].format(**fields)
+
+    def _generate_turn(self, samples, generator, turn, first_answers=None):
+        prompts = [generator.prompt(s["turns"][:turn], first_answers[i:i + 1] if turn == 2 else [])
+                   for i, s in enumerate(samples)]
+        answers: list[str | None] = [None] * len(samples)
+        by_temperature: dict[float, list[int]] = {}
+        for i, s in enumerate(samples):
+            by_temperature.setdefault(self.sampling_temperature(s), []).append(i)
+        for temperature, indices in by_temperature.items():
+            texts = generator.generate([prompts[i] for i in indices],
+                                       temperature=temperature if temperature >= 1e-4 else 0.0)
+            for i, text in zip(indices, texts):
+                answers[i] = text
+        return prompts, answers
 
     def evaluate(self, samples, generator):
         if self.judge is None:
             raise ValueError("mt_bench needs a judge: pass --judge_model (and --judge_base_url for a local server).")
-        first_prompts = [generator.prompt(s["turns"][:1]) for s in samples]
-        first = generator.generate(first_prompts)
-        second_prompts = [generator.prompt(s["turns"][:2], [a]) for s, a in zip(samples, first)]
-        second = generator.generate(second_prompts)
-        requests = [self.judge_request(s, a) for s, a in zip(samples, first)]
-        ratings = self.judge.rate_many([(system, user) for _, system, user in requests])
+        first_prompts, first = self._generate_turn(samples, generator, 1)
+        two = [i for i, s in enumerate(samples) if len(s["turns"]) >= 2]
+        second_prompts, second = self._generate_turn([samples[i] for i in two], generator, 2, [first[i] for i in two])
+        second_of = {i: (p, a) for i, p, a in zip(two, second_prompts, second)}
+        requests = [(i, 1, self.judge_request(s, [first[i]], 1)) for i, s in enumerate(samples)]
+        requests += [(i, 2, self.judge_request(samples[i], [first[i], second_of[i][1]], 2)) for i in two]
+        ratings = self.judge.rate_many([(system, user) for _, _, (_, system, user) in requests])
+        judged = {(i, turn): (name, rating) for (i, turn, (name, _, _)), rating in zip(requests, ratings)}
         records = []
-        for s, p1, p2, a1, a2, (prompt_name, _, _), rating in zip(
-                samples, first_prompts, second_prompts, first, second, requests, ratings):
+        for i, s in enumerate(samples):
+            turns = [1, 2] if i in second_of else [1]
+            prompts = [first_prompts[i]] + ([second_of[i][0]] if i in second_of else [])
+            answers = [first[i]] + ([second_of[i][1]] if i in second_of else [])
+            scores = [judged[(i, t)][1]["score"] for t in turns]
             records.append({
-                "id": s["id"], "category": s["category"], "prompt": [generator.display(p1), generator.display(p2)],
-                "generation": [a1, a2], "extracted": rating["score"], "score": rating["score"],
-                "verdict": "scored" if rating["score"] is not None else "unparseable",
-                "judge_prompt": prompt_name, "judgment": rating["judgment"], "judge_attempts": rating["attempts"],
-                **({"judgments": rating["judgments"]} if "judgments" in rating else {}),
+                "id": s["id"], "category": s["category"], "temperature": self.sampling_temperature(s),
+                "prompt": [generator.display(p) for p in prompts], "generation": answers,
+                "extracted": scores, "scores": scores,
+                "verdict": "scored" if NO_RATING not in scores else "unrated turn(s)",
+                "judge_prompts": [judged[(i, t)][0] for t in turns],
+                "judgments": [judged[(i, t)][1]["judgment"] for t in turns],
+                "judge_attempts": [judged[(i, t)][1]["attempts"] for t in turns],
+                **({"retried_judgments": {str(t): judged[(i, t)][1]["judgments"] for t in turns
+                                          if "judgments" in judged[(i, t)][1]}}
+                   if any("judgments" in judged[(i, t)][1] for t in turns) else {}),
             })
         return records
 
     def summarize(self, records):
-        categories = {}
-        for record in records:
-            entry = categories.setdefault(record["category"], {"scores": [], "unparseable": 0})
-            if record["score"] is None:
-                entry["unparseable"] += 1
-            else:
-                entry["scores"].append(record["score"])
-        order = [c for c in CATEGORIES if c in categories] + sorted(set(categories) - set(CATEGORIES))
-        rows, per_category = [], {}
-        for c in order:
-            scores = categories[c]["scores"]
-            mean = sum(scores) / len(scores) if scores else None
-            per_category[c] = {"score": mean, "n": len(scores), "unparseable": categories[c]["unparseable"]}
-            rows.append([c, len(scores), categories[c]["unparseable"], mean if mean is not None else "-"])
-        all_scores = [r["score"] for r in records if r["score"] is not None]
-        overall = sum(all_scores) / len(all_scores) if all_scores else None
-        unparseable = sum(r["score"] is None for r in records)
-        rows.append(["overall", len(all_scores), unparseable, overall if overall is not None else "-"])
-        summary = {"metric": "first-turn score", "score": overall, "n": len(records), "scored": len(all_scores),
-                   "unparseable": unparseable, "judge_model": self.judge.model if self.judge else None,
+        def rated(rows, turn=None):
+            return [score for r in rows for t, score in enumerate(r["scores"], 1)
+                    if score != NO_RATING and (turn is None or t == turn)]
+
+        def unrated(rows):
+            return sum(score == NO_RATING for r in rows for score in r["scores"])
+
+        by_category = {}
+        for r in records:
+            by_category.setdefault(r["category"], []).append(r)
+        order = [c for c in CATEGORIES if c in by_category] + sorted(set(by_category) - set(CATEGORIES))
+        per_category, rows = {}, []
+        for c in order + ["overall"]:
+            group = records if c == "overall" else by_category[c]
+            entry = {"turn_1": _mean(rated(group, 1)), "turn_2": _mean(rated(group, 2)), "score": _mean(rated(group)),
+                     "rated": len(rated(group)), "unrated": unrated(group)}
+            if c != "overall":
+                per_category[c] = entry
+            rows.append([c, entry["rated"], entry["unrated"],
+                         *("-" if entry[k] is None else entry[k] for k in ("turn_1", "turn_2", "score"))])
+        overall = rows[-1]
+        judge_protocol = self.judge.protocol if self.judge else "fastchat"
+        summary = {"metric": "MT-Bench score (FastChat single-answer grading, mean of turns 1 and 2)",
+                   "protocol": judge_protocol, "score": _mean(rated(records)), "turn_1": _mean(rated(records, 1)),
+                   "turn_2": _mean(rated(records, 2)), "n": len(records), "rated": overall[1], "unrated": overall[2],
+                   "judge_model": self.judge.model if self.judge else None,
+                   "temperature": "FastChat per category" if self.temperature is None else self.temperature,
                    "categories": per_category}
-        table = markdown_table(["category", "scored", "unparseable", "first-turn score"], rows)
-        if unparseable:
-            table += (f"\n{unparseable} judgment(s) had no [[rating]] after retries; they are excluded from the means "
-                      f"(verdict 'unparseable' in {self.name}.jsonl).\n")
+        table = markdown_table(["category", "rated", "unrated (-1)", "turn 1", "turn 2", "score"], rows)
+        table += f"\nprotocol: {judge_protocol}; score = mean of all ratings of both turns, -1 excluded.\n"
+        if overall[2]:
+            table += (f"{overall[2]} judgment(s) had no [[rating]]: recorded as -1 and excluded from the means "
+                      f"(FastChat's rule; see {self.name}.jsonl).\n")
         return summary, table
 
 
@@ -170,4 +237,4 @@ def questions() -> list[dict]:
     return read_rows(packaged(QUESTIONS))
 
 
-__all__ = ["MTBench", "Judge", "parse_score", "questions"]
+__all__ = ["MTBench", "Judge", "parse_score", "questions", "TEMPERATURE", "NO_RATING"]
