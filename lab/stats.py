@@ -25,16 +25,21 @@ def paired_ci(x: dict, y: dict, confidence: float = 0.95) -> dict:
 
     ``x`` and ``y`` map seed → value. Fewer than two common seeds give a NaN interval.
     """
-    from scipy import stats
-
     seeds = sorted(s for s in x if s in y and x[s] is not None and y[s] is not None
                    and math.isfinite(x[s]) and math.isfinite(y[s]))
-    diffs = [x[s] - y[s] for s in seeds]
-    n = len(diffs)
+    return mean_ci([x[s] - y[s] for s in seeds], confidence)
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict:
+    """Mean of the finite values with its Student-t interval, mean ± t_{n−1} · s / √n (NaN bounds for n < 2)."""
+    from scipy import stats
+
+    xs = _finite(values)
+    n = len(xs)
     if n == 0:
         return {"mean": float("nan"), "lo": float("nan"), "hi": float("nan"), "n": 0}
-    mean = statistics.fmean(diffs)
+    mean = statistics.fmean(xs)
     if n < 2:
         return {"mean": mean, "lo": float("nan"), "hi": float("nan"), "n": n}
-    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * statistics.stdev(xs) / math.sqrt(n)
     return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n}

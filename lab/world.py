@@ -516,6 +516,26 @@ class World:
         sets["ood_numbers"] = draw(n_ood // 2, "id", "large")
         return sets
 
+    def format_warmup_problems(self, n: int, avoid: set[Key], exclude: set[str],
+                               two_step_share: float = TWO_STEP_SHARE) -> list[Problem]:
+        """``n`` downstream (id) problems for the format warm-up every arm shares: seeded apart from
+        :meth:`downstream_sets`, none of whose chains touches a key in ``avoid`` (the lab passes every key the
+        largest noise level plants, so the warm-up corrects no planted key) and none in ``exclude`` (question texts:
+        the train / val / test / OOD sets)."""
+        rng = _rng(self.config.seed, "format_warmup")
+        out: list[Problem] = []
+        seen, tries = set(exclude), 0
+        while len(out) < n:
+            tries += 1
+            if tries > 1000 * max(n, 1):
+                raise ValueError(f"format warm-up: only {len(out)} of {n} problems avoid the planted keys")
+            p = self.sample_problem(rng, "id", "id", two_step_share)
+            if p.question in seen or any(k in avoid for k in self.chain_keys(p.chain)):
+                continue
+            seen.add(p.question)
+            out.append(p)
+        return out
+
     def inheritance_problems(self, n: int, noise: float, exclude: set[str],
                              two_step_share: float = TWO_STEP_SHARE, keys: set[Key] | None = None) -> list[Problem]:
         """Downstream (id) problems whose chain passes a key planted at ``noise`` and whose inherited answer differs

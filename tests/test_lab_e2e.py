@@ -47,6 +47,8 @@ def test_quick_run_end_to_end(tmp_path):
     cfg = results["config"]
     methods = cfg["methods"]
     assert set(methods) == {"full_ft", "lora", "pissa", "ba_lora", "ba_lora_cr", "ba_lora_dr", "ba_lora_svdr"}
+    # lab v4: every arm starts from the shared format warm-up of its noise level's pretrained model
+    assert set(results["warmup"]) == {str(n) for n in cfg["noise_levels"]} and cfg["warmup"]["steps"] > 0
     # every method x noise x seed ran, at the learning rate its sweep chose
     cells = {(r["method"], r["noise"], r["seed"]) for r in results["runs"]}
     assert cells == {(m, n, s) for m in methods for n in cfg["noise_levels"] for s in cfg["seeds"]}
@@ -85,3 +87,28 @@ def test_quick_run_end_to_end(tmp_path):
          "--no_plots"], cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )
     assert again.returncode == 0 and "reused" in again.stdout
+
+
+@pytest.mark.slow
+def test_quick_frontier_smoke(tmp_path):
+    """The frontier's machinery end to end on the quick world: the release's options reach the trainer, the KL
+    budget is set from PiSSA's validation KL, tied arms take PiSSA's rate, every arm starts from the warm-up."""
+    out = tmp_path / "frontier"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "inheritance_lab.py"), "--quick", "--sweep", "frontier",
+         "--out_dir", str(out), "--workers", "1"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["methods"] == ["pissa", "ba_release", "kl_budget0.5"]
+    assert len({r["lr"] for r in results["runs"]}) == 1 and [r["method"] for r in results["sweep"]] == ["pissa"] * 2
+    pissa = next(r for r in results["sweep"] if r["lr"] == results["chosen_lr"]["pissa"])
+    target = results["arms"]["kl_budget0.5"]["balora"]["kl_target"]
+    assert target == pytest.approx(0.5 * pissa["metrics"]["val_kl_to_pretrained"], abs=1e-4)
+    assert results["arms"]["ba_release"]["balora"]["lambda_focus_schedule"] == "two_phase"
+    release = next(r for r in results["runs"] if r["method"] == "ba_release")
+    # two_phase: λ2, λ3 are off for the first 20 % of the steps, so the entropy / SVD terms are logged (at λ = 0
+    # they would not be computed at all)
+    assert "ba_lora/entropy" in release["curves"] and "ba_lora/svd_ratio" in release["curves"]
+    assert results["warmup"]["0.3"]["steps"] > 0
+    assert (out / "frontier.png").stat().st_size > 10_000 and "**Primary**" in (out / "results.md").read_text()
