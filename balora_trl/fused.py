@@ -20,6 +20,7 @@ bf16/fp16 inputs are upcast one token block / one vocabulary tile at a time.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 import weakref
@@ -57,6 +58,18 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
 # --------------------------------------------------------------------------------------------------------------
 # per-token NLL, KL and entropy
 # --------------------------------------------------------------------------------------------------------------
+
+
+def _head_gathered(weight: torch.Tensor, bias: torch.Tensor | None):
+    """The LM head gathered again for a backward that reads it. Under DeepSpeed ZeRO-3 a parameter is empty
+    outside its module's forward, so a custom backward that recomputes from the saved weight must gather it once
+    more (TRL's ``maybe_gather_lm_head_ctx`` says so); a null context for anything that is not a ZeRO-3 parameter."""
+    params = [t for t in (weight, bias) if t is not None and hasattr(t, "ds_status")]
+    if not params:
+        return contextlib.nullcontext()
+    from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+    return maybe_gather_lm_head_ctx(*params)
 
 
 class _FusedHeadTerms(torch.autograd.Function):
@@ -289,7 +302,12 @@ def _proportional(weights, grads) -> torch.Tensor | None:
 
 def _recompute_backward(ctx, g_nll, g_kl, g_ent, saved):
     """Backward by recomputing each tile: dL/dz exactly, then dL/dh, dL/dW, dL/db (a trained head, or upstream
-    gradients other than the announced ``grad_weights``)."""
+    gradients other than the announced ``grad_weights``), with the head gathered again (ZeRO-3)."""
+    with _head_gathered(saved[1], saved[2]):
+        return _recompute_tiles_backward(ctx, g_nll, g_kl, g_ent, saved)
+
+
+def _recompute_tiles_backward(ctx, g_nll, g_kl, g_ent, saved):
     hidden, weight, bias, labels, ref_hidden, log_z, mean_z, log_z_t, log_z_ref = saved
     dtype = ctx.dtype
     device = hidden.device
@@ -303,7 +321,6 @@ def _recompute_backward(ctx, g_nll, g_kl, g_ent, saved):
     grad_w = torch.zeros(vocab, d, **f32) if need_w else None
     grad_b = torch.zeros(vocab, **f32) if (need_b and bias is not None) else None
     want_kl = g_kl is not None
-    rows = 2 if want_kl else 1
     with torch.autocast(device.type, enabled=False), torch.no_grad():
         for t0, t1, h, hh, y in _token_tiles(hidden, ref_hidden, labels, ct, dtype, want_kl):
             n = t1 - t0
@@ -610,6 +627,11 @@ class _GatheredLogits(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         hidden, weight, bias, idx = ctx.saved_tensors
+        with _head_gathered(weight, bias):  # the k gathered rows of W are read again here
+            return _GatheredLogits._backward(ctx, grad, hidden, weight, bias, idx)
+
+    @staticmethod
+    def _backward(ctx, grad, hidden, weight, bias, idx):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         dtype, chunk = ctx.dtype, ctx.chunk
         grad = grad.to(dtype)

@@ -355,3 +355,59 @@ def test_head_supports_fused_rejects_adapted_or_wrapped_heads():
 
 def test_default_chunks_cover_cpu_and_cuda():
     assert fused.default_chunks("cpu")[0] >= 1 and fused.default_chunks("cuda")[1] >= 1
+
+
+class _Zero3Head:
+    """ZeRO-3's contract for the LM head, emulated: outside a gather its parameters are empty (numel 0, as DeepSpeed
+    leaves them after the forward); inside ``fused._head_gathered`` they hold their data again."""
+
+    def __init__(self, *params):
+        self.params = [p for p in params if p is not None]
+        self.full = [p.data for p in self.params]
+        self.gathers = 0
+
+    def partition(self):
+        for p in self.params:
+            p.data = torch.empty(0, dtype=p.dtype)
+
+    def gathered(self, weight, bias):
+        import contextlib
+
+        head = self
+
+        @contextlib.contextmanager
+        def ctx():
+            head.gathers += 1
+            for p, full in zip(head.params, head.full):
+                p.data = full
+            try:
+                yield
+            finally:
+                head.partition()
+
+        return ctx()
+
+
+@pytest.mark.parametrize("route", ["recompute_fallback", "topk_entropy"])
+def test_backwards_that_reread_the_head_gather_it_again(route, monkeypatch):
+    """Under ZeRO-3 the head is empty by the time a backward runs: the fallback recompute of the fused terms and
+    the top-k entropy's backward must gather it again (without, they read a 0-element weight), and then give the
+    unpartitioned gradients."""
+    hidden, weight, b, ref_hidden, labels, upstream = make_inputs()
+    weight, b = torch.nn.Parameter(weight, requires_grad=False), torch.nn.Parameter(b, requires_grad=False)
+
+    def loss_of(h):
+        if route == "topk_entropy":
+            return (fused.fused_topk_entropy(h, weight, b, 5, **CHUNKS) * upstream[0]).sum()
+        terms = fused_head_terms(h, weight, b, labels, ref_hidden=ref_hidden, temperature=1.0, entropy=True,
+                                 grad_weights=(1.0, 1e-4, -3e-4), **CHUNKS)
+        return weighted(terms, upstream)  # per-token upstream: not proportional, so the recompute runs
+
+    (expected,) = torch.autograd.grad(loss_of(hidden), hidden)
+    head = _Zero3Head(weight, b)
+    monkeypatch.setattr(fused, "_head_gathered", head.gathered)
+    loss = loss_of(hidden)
+    head.partition()
+    (grad,) = torch.autograd.grad(loss, hidden)
+    assert head.gathers == 1 and weight.numel() == 0  # gathered for the backward, released after it
+    torch.testing.assert_close(grad, expected, rtol=1e-12, atol=1e-14)
