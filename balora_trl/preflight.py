@@ -1,8 +1,8 @@
 """Start-up checks: what a configuration needs that this machine lacks is reported before anything is loaded.
 
-QLoRA (``load_in_4bit`` / ``load_in_8bit``) needs bitsandbytes and a CUDA GPU; ``attn_implementation:
-flash_attention_2`` needs flash-attn, a CUDA GPU and a 16-bit compute dtype; a ``report_to`` integration needs its
-package. Each missing piece raises `PreflightError` naming what to install or change — at start-up, never halfway
+QLoRA (``load_in_4bit`` / ``load_in_8bit``) needs bitsandbytes and a CUDA GPU (4-bit also runs on the CPU with
+bitsandbytes >= 0.50); ``attn_implementation: flash_attention_2`` needs flash-attn, a CUDA GPU and a 16-bit compute
+dtype; a ``report_to`` integration needs its package. Each missing piece raises `PreflightError` naming what to install or change — at start-up, never halfway
 through a run.
 """
 
@@ -66,6 +66,21 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+# bitsandbytes quantizes and runs 4-bit layers on the CPU from this version on (measured here with 0.50.2: NF4
+# QLoRA and QPiSSA train, and the QPiSSA reference is closer to the original than NF4 of the original).
+BNB_CPU_4BIT = (0, 50)
+
+
+def bitsandbytes_version() -> tuple[int, int] | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = version("bitsandbytes").split(".")[:2]
+        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+    except (PackageNotFoundError, ValueError):
+        return None
+
+
 def parse_init_lora_weights(value):
     """``init_lora_weights`` as PEFT takes it: True/False or one of the initialisation names."""
     if isinstance(value, bool):
@@ -105,10 +120,15 @@ def check(model_args, training_args, init_lora_weights=None) -> None:
     quantized = getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False)
     if quantized:
         bits = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
-        if not is_available("bitsandbytes"):
+        bnb = (bitsandbytes_version() or (0, 0)) if is_available("bitsandbytes") else None
+        if bnb is None:
             problems.append(f"`{bits}` (QLoRA) needs bitsandbytes: pip install 'balora-trl[quant]'")
-        if not cuda_available():
-            problems.append(f"`{bits}` (QLoRA) needs a CUDA GPU; none is visible (torch.cuda.is_available() is False)")
+        elif not cuda_available() and (model_args.load_in_8bit or bnb < BNB_CPU_4BIT):
+            cpu = ("8-bit training needs one" if model_args.load_in_8bit else
+                   f"on the CPU, 4-bit needs bitsandbytes >= {'.'.join(map(str, BNB_CPU_4BIT))} "
+                   f"(installed: {'.'.join(map(str, bnb))})")
+            problems.append(f"`{bits}` (QLoRA) needs a CUDA GPU, none is visible (torch.cuda.is_available() is "
+                            f"False); {cpu}")
         if not model_args.use_peft:
             problems.append(f"`{bits}` needs `use_peft: true`: a quantized base cannot be fully fine-tuned")
         init = parse_init_lora_weights(init_lora_weights) if init_lora_weights is not None else None

@@ -310,7 +310,8 @@ def build_trainer(script_args, training_args, model_args, callbacks=None):
     )
     quantization_config = get_quantization_config(model_args)
     if quantization_config is not None:
-        model_init_kwargs["device_map"] = {"": training_args.local_process_index}  # one full copy per GPU
+        # One full copy per process on its own device (bitsandbytes >= 0.48 also quantizes on the CPU).
+        model_init_kwargs["device_map"] = {"": str(training_args.device)}
     model_init_kwargs.update(training_args.model_init_kwargs or {})
 
     if pissa is not None:  # loaded here (TRL takes the PeftModel as it is); QPiSSA: the residual is quantised

@@ -125,8 +125,22 @@ def test_qlora_without_bitsandbytes_or_cuda(monkeypatch):
     monkeypatch.setattr(preflight, "cuda_available", lambda: False)
     with pytest.raises(PreflightError) as info:
         check(*_args("--load_in_4bit", "true"), init_lora_weights=True)
-    message = str(info.value)
-    assert "pip install 'balora-trl[quant]'" in message and "CUDA GPU" in message
+    assert "pip install 'balora-trl[quant]'" in str(info.value)
+
+
+@pytest.mark.parametrize("version, bits, refused", [((0, 45), "4", "bitsandbytes >= 0.50"), ((0, 50), "4", None),
+                                                   ((0, 50), "8", "8-bit training needs one")])
+def test_qlora_on_the_cpu_needs_bitsandbytes_050_and_4_bits(monkeypatch, version, bits, refused):
+    monkeypatch.setattr(preflight, "is_available", lambda m: True)
+    monkeypatch.setattr(preflight, "cuda_available", lambda: False)
+    monkeypatch.setattr(preflight, "bitsandbytes_version", lambda: version)
+    args = _args(f"--load_in_{bits}bit", "true")
+    if refused is None:
+        check(*args, init_lora_weights=True)
+        return
+    with pytest.raises(PreflightError) as info:
+        check(*args, init_lora_weights=True)
+    assert refused in str(info.value) and "CUDA GPU" in str(info.value)
 
 
 def test_qlora_with_pissa_is_refused_at_start(monkeypatch):

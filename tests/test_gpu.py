@@ -1,8 +1,9 @@
-"""The CUDA-only paths: bf16 weights under bf16 autocast, the fused head on a GPU, QLoRA (4-bit base), bf16 merge.
+"""The CUDA paths (bf16 weights under bf16 autocast, the fused head on a GPU, bf16 merge) and the 4-bit ones (QLoRA,
+QPiSSA), which bitsandbytes >= 0.50 also runs on the CPU.
 
-Skipped without a CUDA GPU (CI has none). On a GPU machine:
+Skipped without a CUDA GPU or bitsandbytes (CI has neither). On a GPU machine, or with `pip install bitsandbytes`:
 
-    python -m pytest -m gpu tests/test_gpu.py -s     # -s prints the measured deviations
+    python -m pytest -m "gpu or quant" tests/test_gpu.py -s     # -s prints the measured deviations
 
 Everything is built here (no download): a tokenizer trained on the shipped MetaMathQA-format sample and a
 Llama-shaped base saved to disk, which the main job then loads the way it loads a Hub checkpoint.
@@ -15,10 +16,16 @@ import os
 import pytest
 import torch
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-
+from balora_trl.preflight import BNB_CPU_4BIT, bitsandbytes_version  # noqa: E402
 from balora_trl.prompts import DEFAULT  # noqa: E402
 from balora_trl.sft import SAMPLE_PATH  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+_BNB = bitsandbytes_version()
+needs_4bit = pytest.mark.skipif(_BNB is None or not (CUDA or _BNB >= BNB_CPU_4BIT),
+                                reason="needs bitsandbytes (and a CUDA GPU, or bitsandbytes >= 0.50 on the CPU)")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +56,7 @@ def probe(base_dir, sample_rows):
 
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     texts = [DEFAULT.render(r["query"]) + " " + r["response"] for r in sample_rows[-8:]]
-    return tokenizer(texts, return_tensors="pt", padding=True).to("cuda")
+    return tokenizer(texts, return_tensors="pt", padding=True).to(DEVICE)
 
 
 def log_probs(model, probe) -> torch.Tensor:
@@ -85,6 +92,8 @@ def train_logs(trainer) -> list[dict]:
     return logs
 
 
+@pytest.mark.gpu
+@needs_cuda
 def test_bf16_pissa_main_job_reference_and_merge(base_dir, probe, tmp_path):
     """bf16 weights + bf16 autocast + gradient checkpointing (TRL's defaults), PiSSA, all three terms:
     training is finite and lowers the SFT loss; KL is 0 at step 0; the reference (residual base + frozen initial
@@ -94,7 +103,7 @@ def test_bf16_pissa_main_job_reference_and_merge(base_dir, probe, tmp_path):
 
     from balora_trl import merge
 
-    pretrained = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).to("cuda").eval()
+    pretrained = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).to(DEVICE).eval()
     expected = log_probs(pretrained, probe)
     del pretrained
 
@@ -119,7 +128,7 @@ def test_bf16_pissa_main_job_reference_and_merge(base_dir, probe, tmp_path):
     assert kl_ref <= 1e-3 and kl_ref <= 0.01 * kl_res and kl_trained > 10 * kl_ref
 
     merged_dir = merge(str(tmp_path / "run"), str(tmp_path / "merged"), dtype="bf16")
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir).to("cuda").eval()
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).to(DEVICE).eval()
     assert merged.dtype == torch.bfloat16
     merged_lp = log_probs(merged, probe)
     kl_merge = mean_kl(trained, merged_lp)
@@ -128,6 +137,8 @@ def test_bf16_pissa_main_job_reference_and_merge(base_dir, probe, tmp_path):
     assert kl_merge <= 5e-3 and agree >= 0.9  # near-ties flip under bf16 rounding
 
 
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("bf16", [False, True])
 def test_fused_and_plain_head_paths_agree_on_cuda(bf16, base_dir, tmp_path):
     """Same loss and adapter gradients from the fused head (tiles, one-vector backward) and the plain path."""
@@ -175,6 +186,8 @@ def test_fused_and_plain_head_paths_agree_on_cuda(bf16, base_dir, tmp_path):
     assert rel <= (5e-2 if bf16 else 1e-3)
 
 
+@pytest.mark.quant
+@needs_4bit
 def test_qlora_4bit_main_job(base_dir, probe, tmp_path):
     """QLoRA through the main job: a 4-bit NF4 base, LoRA (B = 0, so the reference is the adapter disabled: the
     quantized pretrained model, no second copy), all three terms; PiSSA on a 4-bit base is refused up front."""
@@ -201,13 +214,15 @@ def test_qlora_4bit_main_job(base_dir, probe, tmp_path):
     from transformers import AutoModelForCausalLM
 
     quantized = log_probs(trainer.model.eval(), probe)
-    full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).to("cuda"),
+    full = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16).to(DEVICE),
                                      str(tmp_path / "run")).eval()
     kl = mean_kl(quantized, log_probs(full, probe))
     print(f"\nQLoRA adapter on the bf16 base vs the 4-bit model it was trained on: KL {kl:.2e}")
     assert math.isfinite(kl) and kl <= 0.5
 
 
+@pytest.mark.quant
+@needs_4bit
 def test_qpissa_trains_and_its_reference_is_closer_than_qlora(base_dir, probe, tmp_path):
     """QPiSSA (balora pissa-init, then `load_in_4bit`): the residual is quantised to NF4 and the adapter trains on top.
     Its reference NF4(W_res) + s·B₀A₀ is closer to the original model than QLoRA's reference NF4(W), because the
@@ -233,13 +248,13 @@ def test_qpissa_trains_and_its_reference_is_closer_than_qlora(base_dir, probe, t
     assert saved["r"] == 2 * r and saved["base_model_name_or_path"] == os.path.abspath(base_dir)
     assert "QPiSSA" in open(tmp_path / "run" / "README.md").read()
 
-    original = log_probs(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to("cuda").eval(), probe)
+    original = log_probs(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).to(DEVICE).eval(), probe)
     model = trainer.model.eval()
     with trainer.reference.activate(model):
         qpissa = mean_kl(original, log_probs(model, probe))
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     qlora_model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=nf4, dtype=torch.bfloat16,
-                                                       device_map={"": 0}).eval()
+                                                       device_map={"": DEVICE}).eval()
     qlora = mean_kl(original, log_probs(qlora_model, probe))
     print(f"\nKL(original ‖ reference): QPiSSA r={r} {qpissa:.3e}, QLoRA (NF4 of the original) {qlora:.3e}")
     assert math.isfinite(qpissa) and qpissa < qlora
