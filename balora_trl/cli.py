@@ -96,7 +96,7 @@ def train(argv: list[str], launch=None) -> int:
     )
     from .pissa_init import find_pissa_init  # a pre-initialised PiSSA runs no SVD (QPiSSA may be 4-bit)
 
-    pre_initialised = find_pissa_init(model.model_name_or_path, script.pissa_init) is not None
+    pre_initialised = find_pissa_init(model.model_name_or_path, script.pissa_init, model.model_revision) is not None
     check(model, training, parse_init_lora_weights(script.init_lora_weights)
           if model.use_peft and not pre_initialised else None)
     launch_args = _resolve_accelerate_config(config_remaining + cli_remaining)

@@ -322,14 +322,33 @@ def _read_json(path: str) -> dict:
         raise ValueError(f"{path} is not valid JSON ({error}).") from None
 
 
-def find_pissa_init(model_name_or_path: str | None, pissa_init: str | None = None) -> PissaInitFolder | None:
+def _hub_pissa_init(repo_id: str, revision: str | None) -> str | None:
+    """The local copy of a Hub model's ``pissa_init/`` and metadata (only those small files are fetched), or ``None``
+    when the repository has none or cannot be reached (then it loads as an ordinary model, or fails there)."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id, revision=revision, allow_patterns=[f"{ADAPTER_SUBDIR}/*", METADATA_FILE])
+    except Exception:  # offline and not cached, no such repository, gated, not a repository id: not a pissa-init
+        return None
+    return local if os.path.isfile(os.path.join(local, ADAPTER_SUBDIR, "adapter_config.json")) else None
+
+
+def find_pissa_init(model_name_or_path: str | None, pissa_init: str | None = None,
+                    revision: str | None = None) -> PissaInitFolder | None:
     """The pissa-init pair named by the arguments, or ``None`` for an ordinary model.
 
     ``pissa_init`` may be the adapter folder (then ``model_name_or_path`` is the residual model) or a residual
     model folder holding ``pissa_init/``. Without it, ``model_name_or_path`` is a pissa-init pair when it is a
-    local folder holding ``pissa_init/adapter_config.json``.
+    local folder holding ``pissa_init/adapter_config.json``, or a Hub repository (at ``revision``) holding it: its
+    adapter and metadata are fetched, the residual weights load from the Hub as any model's do.
     """
     residual, adapter = model_name_or_path, None
+    hub_copy = None
+    if pissa_init is None and residual is not None and not _is_local(residual):
+        hub_copy = _hub_pissa_init(residual, revision)
+        if hub_copy is not None:
+            adapter = os.path.join(hub_copy, ADAPTER_SUBDIR)
     if pissa_init is not None:
         if not os.path.isdir(pissa_init):
             raise ValueError(f"pissa_init={pissa_init!r} is not a folder.")
@@ -355,7 +374,7 @@ def find_pissa_init(model_name_or_path: str | None, pissa_init: str | None = Non
         return None
     residual = os.path.abspath(residual) if _is_local(residual) else residual  # a Hub id stays one
     adapter = os.path.abspath(adapter)
-    meta = _read_json(os.path.join(residual, METADATA_FILE)) if _is_local(residual) else {}
+    meta = _read_json(os.path.join(hub_copy or residual, METADATA_FILE)) if hub_copy or _is_local(residual) else {}
     meta = meta or _read_json(os.path.join(adapter, METADATA_FILE))
     folder = PissaInitFolder(residual=residual, adapter=adapter, metadata=meta,
                              init=meta.get("init_lora_weights") or "pissa")

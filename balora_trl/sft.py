@@ -275,7 +275,7 @@ def build_trainer(script_args, training_args, model_args, callbacks=None):
 
     init = parse_init_lora_weights(script_args.init_lora_weights)
     # A pre-initialised PiSSA (`balora pissa-init`): the residual model + initial adapter, no SVD here.
-    pissa = find_pissa_init(model_args.model_name_or_path, script_args.pissa_init)
+    pissa = find_pissa_init(model_args.model_name_or_path, script_args.pissa_init, model_args.model_revision)
     if pissa is not None and not model_args.use_peft:
         raise PreflightError(f"{pissa.residual} is a PiSSA residual model (pissa_init/ adapter): it trains with "
                              "`use_peft: true` only (the residual alone is not the original model).")

@@ -206,6 +206,35 @@ def test_peft_example_layout_without_reachable_original(original_dir, data_file,
     torch.testing.assert_close(_logits(loaded, probe_ids), trained, atol=1e-4, rtol=0)
 
 
+def test_a_hub_repository_holding_pissa_init_is_detected(original_dir, pi_dir, tmp_path, monkeypatch):
+    """A Hub id whose repository holds pissa_init/: only the adapter and metadata are fetched (at the revision
+    asked for), the residual stays the Hub id; a repository without it, or one that cannot be reached, is an
+    ordinary model."""
+    import huggingface_hub
+
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(Path(pi_dir) / ADAPTER_SUBDIR, snapshot / ADAPTER_SUBDIR)
+    shutil.copy(Path(pi_dir) / METADATA_FILE, snapshot / METADATA_FILE)
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kwargs):
+        calls.append((repo_id, revision, sorted(allow_patterns)))
+        if repo_id == "someone/llama-pissa-r4":
+            return str(snapshot)
+        if repo_id == "someone/plain-model":
+            return str(tmp_path)  # a snapshot holding none of the patterns
+        raise huggingface_hub.errors.LocalEntryNotFoundError("offline and not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    folder = find_pissa_init("someone/llama-pissa-r4", revision="abc123")
+    assert folder is not None and folder.residual == "someone/llama-pissa-r4"
+    assert folder.adapter == str(snapshot / ADAPTER_SUBDIR) and folder.metadata["r"] == R
+    assert folder.original == os.path.abspath(original_dir)  # recorded in the fetched metadata, reachable here
+    assert calls[0] == ("someone/llama-pissa-r4", "abc123", sorted([f"{ADAPTER_SUBDIR}/*", METADATA_FILE]))
+    assert find_pissa_init("someone/plain-model") is None and find_pissa_init("someone/unreachable") is None
+    assert find_pissa_init(original_dir) is None and len(calls) == 3  # a local folder never asks the Hub
+
+
 def test_mismatched_pairs_fail_before_training(original_dir, pi_dir, tokenizer, tmp_path, data_file):
     from balora_trl.local_models import build_causal_lm
     from balora_trl.sft import build_trainer
