@@ -497,6 +497,8 @@ def load_pissa_init(folder: PissaInitFolder, model_init_kwargs: dict | None = No
     from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
+    from .reference import materialise_meta_adapter
+
     kwargs = dict(model_init_kwargs or {})
     if _is_local(folder.residual):
         kwargs.pop("revision", None)
@@ -517,7 +519,7 @@ def load_pissa_init(folder: PissaInitFolder, model_init_kwargs: dict | None = No
     peft_model = PeftModel.from_pretrained(model, folder.adapter, config=config, is_trainable=True,
                                            autocast_adapter_dtype=autocast)
     state = folder.initial_state()
-    _materialise_meta_adapter(peft_model, state)
+    materialise_meta_adapter(peft_model, state, peft_model.active_adapter)
     live = peft_model.peft_config[peft_model.active_adapter]
     if folder.original is not None:
         live.init_lora_weights = folder.init  # residual form: the trainer converts it back at save
@@ -544,20 +546,6 @@ def load_pissa_init(folder: PissaInitFolder, model_init_kwargs: dict | None = No
             "from the original model by the quantisation error of the residual; the saved LoRA applies to the "
             "unquantised original.")
     return peft_model
-
-
-def _materialise_meta_adapter(peft_model, state: dict) -> None:
-    """Give every rank real adapter tensors (from the file) when the base was loaded on the meta device
-    (FSDP's ``cpu_ram_efficient_loading`` on ranks > 0, whose weights rank 0 broadcasts later)."""
-    name = peft_model.active_adapter
-    for key, param in peft_model.named_parameters():
-        if param.device.type != "meta" or f".{name}." not in key:
-            continue
-        file_key = key.replace(f".{name}.", ".")
-        if file_key in state:
-            module_name, attr = key.rsplit(".", 1)
-            module = peft_model.get_submodule(module_name)
-            setattr(module, attr, nn.Parameter(state[file_key].to(param.dtype), requires_grad=param.requires_grad))
 
 
 # ----------------------------------------------------------------------------------------------------------------

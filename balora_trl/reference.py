@@ -141,6 +141,7 @@ class InitialAdapter(Reference):
         if state is None:
             state = get_peft_model_state_dict(peft_model, adapter_name=self.trained_adapter)
         set_peft_model_state_dict(peft_model, state, adapter_name=REFERENCE_ADAPTER)
+        materialise_meta_adapter(peft_model, state, REFERENCE_ADAPTER)
         # add_adapter leaves the trained adapter active; make sure nothing of the copy is trainable.
         for name, param in peft_model.named_parameters():
             if f".{REFERENCE_ADAPTER}." in name or name.endswith(f".{REFERENCE_ADAPTER}"):
@@ -189,6 +190,20 @@ class SeparateModel(Reference):
     def activate(self, policy_unwrapped):
         with torch.no_grad():
             yield
+
+
+def materialise_meta_adapter(peft_model, state: dict, adapter_name: str) -> None:
+    """Give adapter ``adapter_name`` real tensors from ``state`` (PEFT keys without the adapter name) where the base
+    was built on the meta device (FSDP's ``cpu_ram_efficient_loading`` on ranks > 0 under transformers 4.x: rank 0
+    broadcasts the weights when FSDP wraps, but the adapters and the reference's frozen copy must be real before)."""
+    for key, param in peft_model.named_parameters():
+        if param.device.type != "meta" or f".{adapter_name}." not in key:
+            continue
+        file_key = key.replace(f".{adapter_name}.", ".")
+        if file_key in state:
+            module_name, attr = key.rsplit(".", 1)
+            module = peft_model.get_submodule(module_name)
+            setattr(module, attr, nn.Parameter(state[file_key].to(param.dtype), requires_grad=param.requires_grad))
 
 
 def keep_4bit_weights_unpacked(model: nn.Module) -> None:

@@ -235,6 +235,51 @@ def test_a_hub_repository_holding_pissa_init_is_detected(original_dir, pi_dir, t
     assert find_pissa_init(original_dir) is None and len(calls) == 3  # a local folder never asks the Hub
 
 
+@pytest.mark.parametrize("base_on_meta", [False, True])
+def test_a_rank_under_fsdp_ram_efficient_loading_gets_the_adapter_from_the_file(pi_dir, monkeypatch, base_on_meta):
+    """FSDP's cpu_ram_efficient_loading as rank 1 sees it: transformers' own switch (a process group, the accelerate
+    environment, LOCAL_RANK ≠ 0) and, with ``base_on_meta``, a residual left on the meta device (transformers 4.x
+    builds ranks > 0 that way; rank 0 broadcasts its weights when FSDP wraps). Either way the adapter and the
+    reference's frozen copy are real tensors equal to the file's (B₀, A₀)."""
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from balora_trl.pissa_init import load_pissa_init
+    from balora_trl.reference import REFERENCE_ADAPTER, build_reference
+    from test_multiprocess import _free_port
+
+    if base_on_meta:
+        def on_meta(path, **kwargs):
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+
+        monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", on_meta)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        folder = find_pissa_init(pi_dir)
+        model = load_pissa_init(folder)
+        reference = build_reference(model)
+    finally:
+        dist.destroy_process_group()
+    params = dict(model.named_parameters())
+    base = [p for n, p in params.items() if "base_layer.weight" in n]
+    assert base and all(p.device.type == ("meta" if base_on_meta else "cpu") for p in base)
+    state = folder.initial_state()
+    adapters = {n: p for n, p in params.items() if ".lora_" in n and f".{REFERENCE_ADAPTER}." not in n}
+    assert len(adapters) == len(state)
+    for name, param in adapters.items():
+        assert param.device.type == "cpu" and param.requires_grad
+        torch.testing.assert_close(param.detach().float(), state[name.replace(".default.", ".")], atol=0, rtol=0)
+    frozen = {n: p for n, p in params.items() if f".{REFERENCE_ADAPTER}." in n}
+    assert reference.kind == "initial_adapter" and len(frozen) == len(state)
+    for name, param in frozen.items():
+        assert param.device.type == "cpu" and not param.requires_grad
+        torch.testing.assert_close(param.detach(), state[name.replace(f".{REFERENCE_ADAPTER}.", ".")], atol=0, rtol=0)
+
+
 def test_mismatched_pairs_fail_before_training(original_dir, pi_dir, tokenizer, tmp_path, data_file):
     from balora_trl.local_models import build_causal_lm
     from balora_trl.sft import build_trainer
