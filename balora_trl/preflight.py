@@ -2,8 +2,8 @@
 
 QLoRA (``load_in_4bit`` / ``load_in_8bit``) needs bitsandbytes and a CUDA GPU (4-bit also runs on the CPU with
 bitsandbytes >= 0.50); ``attn_implementation: flash_attention_2`` needs flash-attn, a CUDA GPU and a 16-bit compute
-dtype; a ``report_to`` integration needs its package. Each missing piece raises `PreflightError` naming what to install or change — at start-up, never halfway
-through a run.
+dtype; a ``report_to`` integration needs its package. Each missing piece raises `PreflightError` naming what to
+install or change — at start-up, never halfway through a run.
 """
 
 from __future__ import annotations
