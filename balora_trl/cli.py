@@ -160,10 +160,12 @@ def env_report() -> str:
             status = "usable"
         lines.append(f"  {name:<8} {status}")
 
+    from packaging.version import Version
+
     from .preflight import BNB_CPU_4BIT, bitsandbytes_version
 
     bnb = bitsandbytes_version()
-    if not cuda and bnb is not None and bnb >= BNB_CPU_4BIT:
+    if not cuda and bnb is not None and bnb >= Version(BNB_CPU_4BIT):
         lines.append(f"  {'quant':<8} usable for load_in_4bit on the CPU (slow); load_in_8bit needs a CUDA GPU")
     else:
         extra("quant", ["bitsandbytes"], needs_cuda=True)  # load_in_4bit / load_in_8bit

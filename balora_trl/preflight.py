@@ -68,16 +68,19 @@ def cuda_available() -> bool:
 
 # bitsandbytes quantizes and runs 4-bit layers on the CPU from this version on (measured here with 0.50.2: NF4
 # QLoRA and QPiSSA train, and the QPiSSA reference is closer to the original than NF4 of the original).
-BNB_CPU_4BIT = (0, 50)
+BNB_CPU_4BIT = "0.50"
 
 
-def bitsandbytes_version() -> tuple[int, int] | None:
+def bitsandbytes_version():
+    """The installed bitsandbytes version (a ``packaging`` Version, comparable with ``Version(BNB_CPU_4BIT)``), or
+    ``None`` when it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from packaging.version import Version
+
     try:
-        major, minor = version("bitsandbytes").split(".")[:2]
-        return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
-    except (PackageNotFoundError, ValueError):
+        return Version(version("bitsandbytes"))
+    except PackageNotFoundError:
         return None
 
 
@@ -120,13 +123,14 @@ def check(model_args, training_args, init_lora_weights=None) -> None:
     quantized = getattr(model_args, "load_in_4bit", False) or getattr(model_args, "load_in_8bit", False)
     if quantized:
         bits = "load_in_4bit" if model_args.load_in_4bit else "load_in_8bit"
-        bnb = (bitsandbytes_version() or (0, 0)) if is_available("bitsandbytes") else None
+        from packaging.version import Version
+
+        bnb = (bitsandbytes_version() or Version("0")) if is_available("bitsandbytes") else None
         if bnb is None:
             problems.append(f"`{bits}` (QLoRA) needs bitsandbytes: pip install 'balora-trl[quant]'")
-        elif not cuda_available() and (model_args.load_in_8bit or bnb < BNB_CPU_4BIT):
+        elif not cuda_available() and (model_args.load_in_8bit or bnb < Version(BNB_CPU_4BIT)):
             cpu = ("8-bit training needs one" if model_args.load_in_8bit else
-                   f"on the CPU, 4-bit needs bitsandbytes >= {'.'.join(map(str, BNB_CPU_4BIT))} "
-                   f"(installed: {'.'.join(map(str, bnb))})")
+                   f"on the CPU, 4-bit needs bitsandbytes >= {BNB_CPU_4BIT} (installed: {bnb})")
             problems.append(f"`{bits}` (QLoRA) needs a CUDA GPU, none is visible (torch.cuda.is_available() is "
                             f"False); {cpu}")
         if not model_args.use_peft:

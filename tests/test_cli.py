@@ -128,12 +128,14 @@ def test_qlora_without_bitsandbytes_or_cuda(monkeypatch):
     assert "pip install 'balora-trl[quant]'" in str(info.value)
 
 
-@pytest.mark.parametrize("version, bits, refused", [((0, 45), "4", "bitsandbytes >= 0.50"), ((0, 50), "4", None),
-                                                   ((0, 50), "8", "8-bit training needs one")])
+@pytest.mark.parametrize("version, bits, refused", [("0.45.1", "4", "bitsandbytes >= 0.50"), ("0.50.2", "4", None),
+                                                   ("0.50.2", "8", "8-bit training needs one")])
 def test_qlora_on_the_cpu_needs_bitsandbytes_050_and_4_bits(monkeypatch, version, bits, refused):
     monkeypatch.setattr(preflight, "is_available", lambda m: True)
     monkeypatch.setattr(preflight, "cuda_available", lambda: False)
-    monkeypatch.setattr(preflight, "bitsandbytes_version", lambda: version)
+    from packaging.version import Version
+
+    monkeypatch.setattr(preflight, "bitsandbytes_version", lambda: Version(version))
     args = _args(f"--load_in_{bits}bit", "true")
     if refused is None:
         check(*args, init_lora_weights=True)

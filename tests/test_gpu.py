@@ -16,6 +16,8 @@ import os
 import pytest
 import torch
 
+from packaging.version import Version  # noqa: E402
+
 from balora_trl.preflight import BNB_CPU_4BIT, bitsandbytes_version  # noqa: E402
 from balora_trl.prompts import DEFAULT  # noqa: E402
 from balora_trl.sft import SAMPLE_PATH  # noqa: E402
@@ -24,7 +26,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 _BNB = bitsandbytes_version()
-needs_4bit = pytest.mark.skipif(_BNB is None or not (CUDA or _BNB >= BNB_CPU_4BIT),
+needs_4bit = pytest.mark.skipif(_BNB is None or not (CUDA or _BNB >= Version(BNB_CPU_4BIT)),
                                 reason="needs bitsandbytes (and a CUDA GPU, or bitsandbytes >= 0.50 on the CPU)")
 
 
