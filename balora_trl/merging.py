@@ -30,6 +30,7 @@ from .conversion import (
     unreadable_weights,
     write_adapter,
 )
+from .gguf_models import resolve_model
 from .model_card import BALORA_PAPER, _fmt
 from .prompts import PLACEHOLDER, PromptTemplate
 
@@ -95,9 +96,9 @@ def validate_base(adapter_dir: str, base: str, base_config=None, adapter_config=
 
     Checks the architecture recorded beside the adapter, then every adapter tensor's name and shape against what
     PEFT saves for this adapter config on the base model built on the meta device from its config (no weight is
-    read).
+    read; built outside DeepSpeed ZeRO-3's initialisation, which cannot partition a meta tensor).
     """
-    from transformers import AutoModelForCausalLM
+    from .zero3_init import meta_skeleton
 
     if base_config is None:
         base_config = _load_base_config(base, trust_remote_code)
@@ -118,8 +119,7 @@ def validate_base(adapter_dir: str, base: str, base_config=None, adapter_config=
         raise ValueError(f"Base model mismatch: the adapter was trained on a {auto}, but {base!r} is {architectures}.")
 
     try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(base_config, trust_remote_code=trust_remote_code)
+        skeleton = meta_skeleton(base_config, trust_remote_code)
     except Exception as error:  # noqa: BLE001
         raise ValueError(f"{base!r} is not a causal language model transformers can build: {error}") from error
     expected = _saved_shapes(skeleton, adapter_config, base)
@@ -277,6 +277,7 @@ def merge(adapter: str, out: str, base: str | None = None, dtype: str | None = N
     base = base or adapter_config.base_model_name_or_path
     if not base:
         raise ValueError(f"The adapter in {adapter} records no base model; pass --base (base=...).")
+    base = resolve_model(base)  # a .gguf file or short name: its converted folder (balora_trl.gguf_models)
     if os.path.isdir(base) and force and os.path.abspath(base) in (out_abs,) :
         raise ValueError(f"Refusing to replace {out_abs}: it is the base model.")
     base_config = _load_base_config(base, trust_remote_code)

@@ -62,13 +62,19 @@ def _base_description(model) -> dict:
     inner = model.get_base_model() if isinstance(model, PeftModel) else model
     config = inner.config
     text = config.get_text_config()
-    return {
+    from .gguf_models import gguf_source
+
+    description = {
         "name_or_path": _base_model_id(model),
         "model_type": config.model_type,
         "architectures": list(getattr(config, "architectures", None) or [type(inner).__name__]),
         "vocab_size": getattr(text, "vocab_size", None),
         "hidden_size": getattr(text, "hidden_size", None),
     }
+    source = gguf_source(description["name_or_path"])
+    if source is not None:  # a GGUF file converted by balora_trl.gguf_models: the folder is the base, this its origin
+        description["converted_from_gguf"] = source
+    return description
 
 
 def _head_description(trainer, model) -> dict:
@@ -176,7 +182,12 @@ def balora_card_section(trainer, model, info: ExportInfo, dataset_name=None) -> 
     lines += [f"- {note}" for note in info.notes]
     lines += ["", "### Recipe", ""]
     if info.base_model:
-        lines.append(f"- Base model: `{info.base_model}`")
+        from .gguf_models import gguf_source
+
+        source = gguf_source(info.base_model)
+        origin = f" (converted from the GGUF file `{source['gguf_file']}`, sha256 {source['sha256'][:16]}…)" \
+            if source else ""
+        lines.append(f"- Base model: `{info.base_model}`{origin}")
     data = _dataset_name(trainer, dataset_name)
     rows = len(trainer.train_dataset) if getattr(trainer, "train_dataset", None) is not None and hasattr(
         trainer.train_dataset, "__len__") else None

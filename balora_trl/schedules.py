@@ -96,6 +96,8 @@ class KLController:
     CLIP = 0.2
 
     def __init__(self, initial: float, target: float, horizon: float, minimum: float, maximum: float):
+        if not horizon > self.CLIP:  # 1 + e/horizon <= 0 for e = -CLIP: λ would drop to its floor, and stay at 0
+            raise ValueError(f"KLController: horizon must be > {self.CLIP}, got {horizon!r}.")
         self.target, self.horizon, self.minimum, self.maximum = float(target), float(horizon), float(minimum), float(maximum)
         self.value = min(max(float(initial), self.minimum), self.maximum)
         self.last_kl: float | None = None

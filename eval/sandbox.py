@@ -36,9 +36,11 @@ completion message on its own pipe can, so benchmarks should pass ``test``.
 
 * ``"namespaces"`` (the harness runs as root; tested): a fresh mount, IPC and network namespace. Every mount is
   read-only; /tmp, /var/tmp and /dev/shm are private empty tmpfs (size ``max_file_mb``); /root, /home and any
-  folder that hides the interpreter are covered by empty tmpfs, with the interpreter's own folders bound back
-  read-only; the program's folder is the only host folder it can write; /proc shows no process it cannot trace
-  (where the kernel allows a fresh proc mount).
+  folder that hides the interpreter are covered by empty tmpfs. Every folder of the interpreter's import path that
+  these cover is bound back read-only, and only those: a venv under /tmp, a user site under ~/.local, a
+  ``PYTHONPATH`` folder under /home import in the program as in the harness (a covered folder itself, e.g. ``/tmp``
+  on ``PYTHONPATH``, stays covered). The program's folder is the only host folder it can write; /proc shows no
+  process it cannot trace (where the kernel allows a fresh proc mount).
   The program's uid (one per worker slot) owns nothing and it holds no capability in any set (effective,
   permitted, inheritable, ambient, bounding) from before its first line, with ``no_new_privs``: it cannot read
   /etc/shadow or any file other users cannot read, nor other programs' folders. No network (only a down loopback).
@@ -48,7 +50,7 @@ completion message on its own pipe can, so benchmarks should pass ``test``.
   tests) is protected from it only by Yama's ``ptrace_scope`` >= 1 (the default on Ubuntu and Fedora).
 * ``"uid"`` (root, but no mount namespace allowed, e.g. a Docker container without CAP_SYS_ADMIN): per-slot uid,
   no capability; no private mounts, so world-writable folders (/tmp, /dev/shm) are writable and world-readable
-  files readable. The interpreter must be world-readable, else :class:`SandboxError`.
+  files readable. The interpreter and its import path must be world-readable, else :class:`SandboxError`.
 * ``"network-only"`` / ``"none"`` (not root, no user namespaces): the program runs as you, with a network
   namespace if allowed; only the limits and the Python guard stand between it and your files. A warning says so.
 
@@ -62,6 +64,7 @@ benchmark's data shipped with them) and of other processes' resource usage; fair
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import os
@@ -148,18 +151,24 @@ def _world_traversable(path: str) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _isolated_sys_path() -> tuple[str, ...]:
-    """``sys.path`` of ``python -I`` here. The supervisor starts with ``-S`` (no ``site``: its .pth files cost
+def _interpreter_sys_path() -> tuple[str, ...]:
+    """The import path of this interpreter as a fresh ``python`` started here gets it: the standard library, the
+    (virtual) environment's site-packages, the user site (``~/.local/...``, ``PYTHONUSERBASE``) and ``PYTHONPATH``,
+    wherever they live; not the script folder or working directory a run adds (``-c``'s ``''``), nor what a running
+    program appended to its own ``sys.path``. The supervisor starts with ``-S`` (no ``site``: its .pth files cost
     ~40 ms per program and import what programs never need) and is handed this path instead."""
-    out = subprocess.run([sys.executable, "-I", "-c", "import json, sys; print(json.dumps(sys.path))"],
+    # `sys` only: it is built in, so no module in the working directory (first on -c's path) can stand in for it
+    out = subprocess.run([sys.executable, "-c", "import sys; print(repr(sys.path))"],
                          capture_output=True, text=True, check=True).stdout
-    return tuple(p for p in json.loads(out) if p and (os.path.exists(p) or p.endswith(".zip")))
+    return tuple(p for p in ast.literal_eval(out) if os.path.isabs(p) and (os.path.exists(p) or p.endswith(".zip")))
 
 
 def _interpreter_paths() -> list[str]:
-    """Folders the program needs to read: the interpreter's prefixes and its import path."""
-    paths = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, *_isolated_sys_path()}
-    return sorted({os.path.realpath(p) for p in paths if p and os.path.isdir(p)})
+    """What the program needs to read: the interpreter's prefixes and every folder (or zip) on its import path,
+    as absolute paths, not resolved: the sandbox exposes each at the path the program looks it up by and at its
+    real path."""
+    paths = {sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix, *_interpreter_sys_path()}
+    return sorted({os.path.abspath(p) for p in paths if p and os.path.exists(p)})
 
 
 class Sandbox:
@@ -223,8 +232,8 @@ class Sandbox:
                 nproc += _tasks_of(os.getuid())
             verdict_r, verdict_w = os.pipe()
             spec = dict(
-                program=program_path, cwd=cwd, sys_path=_isolated_sys_path(), as_root=uid is not None, program_uid=uid,
-                tester_uid=None if uid is None else uid + 1, read_paths=self.read_paths,
+                program=program_path, cwd=cwd, sys_path=_interpreter_sys_path(), as_root=uid is not None,
+                program_uid=uid, tester_uid=None if uid is None else uid + 1, read_paths=self.read_paths,
                 interpreter_world_readable=self.interpreter_world_readable, guard=self.python_guard,
                 isolate_network=self.isolate_network, has_test=test is not None, verdict_fd=verdict_w,
                 timeout_s=limits.timeout_s, cpu_s=max(1, int(limits.timeout_s) + 1),

@@ -120,16 +120,27 @@ def _blocked_ancestor(path: str) -> str | None:
 
 def _private_filesystem(spec: dict) -> None:
     """Everything read-only; /root, /home and any folder hiding the interpreter covered by empty tmpfs; private
-    tmpfs on /tmp, /var/tmp and /dev/shm; the program's folder bound back read-write at its own path; the
-    interpreter's folders bound back read-only."""
+    tmpfs on /tmp, /var/tmp and /dev/shm; the program's folder bound back read-write at its own path; each folder
+    (or zip) of the interpreter's import path that a tmpfs covers bound back read-only, at the path the program
+    looks it up by and, if a symlink leads there from elsewhere, at its real path. Nothing else of a covered folder
+    shows; a covered folder itself on the import path stays covered."""
     work = spec["cwd"]
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing below propagates back to the host
-    keep = [p for p in spec["read_paths"] if os.path.isdir(p)]
+    keep = [p for p in spec["read_paths"] if os.path.exists(p)]
     hidden = {p for p in ("/root", "/home") if os.path.isdir(p) and not os.path.islink(p)}
-    hidden |= {a for a in map(_blocked_ancestor, keep + [work]) if a}
+    hidden |= {a for a in map(_blocked_ancestor, [os.path.realpath(p) for p in keep] + keep + [work]) if a}
     scratch = [p for p in ("/tmp", "/var/tmp", "/dev/shm") if os.path.isdir(p) and not os.path.islink(p)]
     hidden = {h for h in hidden if not any(h.startswith(o + "/") for o in hidden | set(scratch))}
-    fds = {p: os.open(p, os.O_PATH | os.O_DIRECTORY) for p in keep + [work]}
+    covered = hidden | set(scratch)
+    binds = {}  # where it shows in the sandbox -> what the host has there
+    for path in keep:
+        for target in {os.path.abspath(path), os.path.realpath(path)}:
+            if any(target.startswith(c + "/") for c in covered):
+                binds[target] = path
+    folders = {target for target, source in binds.items() if os.path.isdir(source)}  # asked before covering
+    fds = {target: os.open(source, os.O_PATH | (os.O_DIRECTORY if target in folders else 0))
+           for target, source in binds.items()}
+    work_fd = os.open(work, os.O_PATH | os.O_DIRECTORY)
     _set_readonly("/", True, recursive=True)
     for h in sorted(hidden):
         _mount("tmpfs", h, "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=1m")
@@ -137,19 +148,23 @@ def _private_filesystem(spec: dict) -> None:
     for s in scratch:
         _mount("tmpfs", s, "tmpfs", MS_NOSUID | MS_NODEV, f"mode=1777,{size}")
     exposed = []
-    for path in sorted(keep, key=len):
-        if any(path == e or path.startswith(e + "/") for e in exposed):
+    for target in sorted(binds, key=len):  # a folder before what is inside it: one bind shows both
+        if any(target.startswith(e + "/") for e in exposed):
             continue
-        if any(path == h or path.startswith(h + "/") for h in hidden):
-            os.makedirs(path, 0o755, exist_ok=True)
-            _mount(f"/proc/self/fd/{fds[path]}", path, None, MS_BIND | MS_REC)
-            exposed.append(path)
+        if target in folders:
+            os.makedirs(target, 0o755, exist_ok=True)
+        else:  # a zip on the import path: a file is bound onto a file
+            os.makedirs(os.path.dirname(target), 0o755, exist_ok=True)
+            os.close(os.open(target, os.O_CREAT | os.O_WRONLY, 0o644))
+        # The bind copies the source mount's flags: read-only, as everything was made above.
+        _mount(f"/proc/self/fd/{fds[target]}", target, None, MS_BIND | MS_REC)
+        exposed.append(target)
     os.makedirs(work, 0o755, exist_ok=True)
-    _mount(f"/proc/self/fd/{fds[work]}", work, None, MS_BIND)
+    _mount(f"/proc/self/fd/{work_fd}", work, None, MS_BIND)
     _set_readonly(work, False, recursive=False)
     for h in hidden:
         _set_readonly(h, True, recursive=False)
-    for fd in fds.values():
+    for fd in [*fds.values(), work_fd]:
         os.close(fd)
 
 
@@ -722,9 +737,10 @@ def main() -> int:
             os.chown(spec["cwd"], spec["program_uid"], spec["program_uid"])
         isolation = _isolate(spec)
         if isolation == "uid" and not spec["interpreter_world_readable"]:
-            raise SetupError("the interpreter lives under a folder other users cannot enter and this machine allows "
-                             "no mount namespace to expose it (install Python in a world-readable place, or give "
-                             "the harness CAP_SYS_ADMIN)")
+            raise SetupError("the interpreter or a folder on its import path (site-packages, user site, PYTHONPATH) "
+                             "lies under a folder other users cannot enter and this machine allows no mount "
+                             "namespace to expose it (install Python and its packages in a world-readable place, or "
+                             "give the harness CAP_SYS_ADMIN)")
         program_ready, program_ready_w = os.pipe()
         tester_ready, tester_ready_w = os.pipe()
         requests_r, requests_w = os.pipe()

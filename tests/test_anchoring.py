@@ -327,6 +327,43 @@ def test_fused_equals_plain_with_a_mixed_mask(make_model, tokenizer, mixed_rows,
         torch.testing.assert_close(results["fused"][1][k], results["plain"][1][k], rtol=1e-4, atol=1e-6)
 
 
+def test_kl_budget_measures_the_drift_at_every_position_on_both_paths(make_model, tokenizer, mixed_rows, tmp_path):
+    """With `kl_target`, the controller's K̄ is the mean KL over *all* response positions, anchored or not (an
+    unanchored position is not one without drift): equal to an independent computation on the plain and the fused
+    path, and λ1 moves as the controller's equation says. Counting the unanchored positions as 0 would see a K̄
+    below the target set here and cut λ1."""
+    horizon, start = 1.0, 0.5
+    measured = {}
+    for path in ("plain", "fused"):
+        trainer = make_trainer(make_model(), tokenizer, mixed_rows, tmp_path / path, head_path=path,
+                               consistency_positions=LC, train_sampling_strategy="sequential",
+                               lambda_consistency=start, lambda_diversity=0.0, lambda_svd=0.0, kl_target=1.0,
+                               kl_horizon=horizon)
+        assert trainer._path == path
+        perturb_adapter(trainer)
+        batch = first_batch(trainer)
+        with torch.no_grad():  # independently: KL_t at every response position, and which of them are anchored
+            policy, mask = response(trainer.model, batch)
+            with trainer.reference.activate(trainer.model):
+                reference, _ = response(trainer.model, batch)
+        kl = kl_divergence(Categorical(logits=reference), Categorical(logits=policy))
+        anchored = reference.argmax(-1) == batch["labels"][:, 1:][mask]
+        assert 0 < anchored.double().mean() < 1
+        everywhere, anchored_only = kl.mean().item(), (kl * anchored).mean().item()
+        assert everywhere > 1.5 * anchored_only  # the unanchored positions do drift
+        target = (everywhere * anchored_only) ** 0.5  # between the two: they move λ1 in opposite directions
+        trainer._kl_controller.target = target
+        trainer.compute_loss(trainer.model, dict(batch))
+        trainer._end_lambda_step()  # what the step-end callback does
+        controller = trainer._kl_controller
+        assert controller.last_kl == pytest.approx(everywhere, rel=1e-4)
+        assert trainer._metrics["train"]["ba_lora/kl"][-1] == pytest.approx(anchored_only, rel=1e-4)  # the term
+        error = min(max(everywhere / target - 1, -0.2), 0.2)
+        assert controller.value == pytest.approx(start * (1 + error / horizon), rel=1e-4) and controller.value > start
+        measured[path] = controller.last_kl
+    assert measured["fused"] == pytest.approx(measured["plain"], rel=1e-5)
+
+
 def one_sgd_step(model, ref_model, tokenizer, dataset, out, batch, accumulation, **cfg):
     trainer = make_trainer(model, tokenizer, dataset, out, ref_model=ref_model, optim="sgd", learning_rate=1.0,
                            max_steps=1, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0,

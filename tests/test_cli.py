@@ -50,7 +50,7 @@ def test_env_reports_versions_device_and_extras(capsys):
     out = capsys.readouterr().out
     assert f"torch             {torch.__version__}" in out and f"trl               {trl.__version__}" in out
     assert "device" in out and ("CPU only" in out or "CUDA" in out)
-    for extra in ("quant", "flash", "vllm", "eval", "nlu", "dev"):
+    for extra in ("quant", "flash", "vllm", "eval", "nlu", "dev", "real"):
         line = next(line for line in out.splitlines() if line.strip().startswith(extra + " "))
         assert "usable" in line or f"pip install 'balora-trl[{extra}]'" in line or "needs a CUDA GPU" in line
     quant = next(line for line in out.splitlines() if line.strip().startswith("quant "))

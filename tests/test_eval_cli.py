@@ -159,7 +159,8 @@ def _balora_eval(*args):
     (["gsm8k", "--model", "/path/that/does/not/exist"], "error: no such model folder: /path/that/does/not/exist"),
     (["math", "--model", "MODEL"], "error: could not load EleutherAI/hendrycks_math"),  # offline, from the Hub
     (["mbpp", "--model", "MODEL"], "error: could not load google-research-datasets/mbpp"),
-    (["mbpp_plus", "--model", "MODEL"], "error: mbpp_plus reads a local file: pass --data_file"),
+    (["mbpp_plus", "--data_file", "eval/data/gsm8k_test.jsonl", "--model", "MODEL"],
+     "error: eval/data/gsm8k_test.jsonl: row 1 lacks task_id, prompt, entry_point, canonical_solution"),
 ])
 def test_user_errors_are_one_line_and_exit_2(model_dir, args, message):
     done = _balora_eval(*[model_dir if a == "MODEL" else a for a in args])
@@ -193,14 +194,17 @@ def test_python_dash_m_eval(model_dir, tmp_path):
 
 def test_authors_protocol_prompts_as_the_authors_scripts(model_dir, tmp_path):
     out = tmp_path / "out"
-    assert cli.main(["gsm8k", "--model", model_dir, "--protocol", "authors", "--limit", "1", "--max_new_tokens", "4",
-                     "--output_dir", str(out)]) == 0
+    # inference/gsm8k_inference.py's prompt and stops (the `authors` protocol, utils/gen_vllm.py, adds neither)
+    assert cli.main(["gsm8k", "--model", model_dir, "--protocol", "authors_inference", "--limit", "1",
+                     "--max_new_tokens", "4", "--output_dir", str(out)]) == 0
     question = json.loads(open(GSM8K_TEST).readline())["question"]
     [record] = lines(out / "gsm8k.jsonl")
     assert record["prompt"] == DEFAULT.render(question) + " Let's think step by step."
     assert record["prompt"].endswith("### Response: Let's think step by step.")
     config = json.loads((out / "gsm8k.config.json").read_text())
-    assert config["protocol"] == "authors" and {"Instruction", "Response"} <= set(config["stop"])
+    assert config["protocol"] == "authors_inference"
+    assert {"Instruction:", "Instruction", "Response:", "Response"} <= set(config["stop"])
     summary = json.loads((out / "gsm8k_summary.json").read_text())
-    assert summary["protocol"] == "authors" and set(summary["accuracy_by_protocol"]) == {"authors", "default"}
-    assert "| gsm8k | authors | 1 |" in (out / "gsm8k.md").read_text()
+    assert summary["protocol"] == "authors_inference"
+    assert set(summary["accuracy_by_protocol"]) == {"authors", "authors_inference", "default"}
+    assert "| gsm8k | authors_inference | 1 |" in (out / "gsm8k.md").read_text()

@@ -57,6 +57,33 @@ def test_unparsable_judgments_are_minus_one(judgment):
     assert parse_score(judgment) == -1
 
 
+def _fastchat_rating(judgment):
+    """FastChat's llm_judge ``run_judge_single`` rating step, restated here as the independent reference (its two
+    patterns, then ``ast.literal_eval``, which raises on what Python does not read as a number)."""
+    import ast
+    import re
+
+    match = re.search(r"\[\[(\d+\.?\d*)\]\]", judgment) or re.search(r"\[(\d+\.?\d*)\]", judgment)
+    return ast.literal_eval(match.groups()[0]) if match else -1
+
+
+@pytest.mark.parametrize("judgment", [
+    "Rating: [[08]]", "[[007]]", "Rating: [[08]], on reflection [[9]]",  # FastChat raises: no rating recorded
+    "[[00]]", "[[08.5]]", "[[8.]]", "[09]", "Rating: [[7]]", "[5] then [[06]]", "[[10]] [[08]]", "none", "[[1e3]]",
+])
+def test_ratings_are_read_as_fastchat_reads_them(judgment):
+    try:
+        expected = float(_fastchat_rating(judgment))
+    except SyntaxError:  # FastChat's run stops here and records no rating for this judgment
+        expected = -1
+    assert parse_score(judgment) == expected
+
+
+def test_a_leading_zero_is_no_rating_and_zeros_or_decimals_still_count():
+    assert parse_score("Rating: [[08]]") == -1  # SyntaxError in FastChat, never 8
+    assert parse_score("[[00]]") == 0.0 and parse_score("[[08.5]]") == 8.5 and parse_score("[[8.]]") == 8.0
+
+
 def _fastchat_average(ratings):
     """FastChat's show_result.py, independently: drop -1, then the mean per turn and over both turns pooled."""
     kept = [(turn, score) for turn, score in ratings if score != -1]

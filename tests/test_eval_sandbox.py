@@ -267,6 +267,93 @@ print("imports", numpy.__name__)
     assert "processes True" in out  # no other process (the harness, the tester, other users) is visible
 
 
+# Run by a venv's interpreter: one program imports a package from each of the three places, lists the folders
+# around them and tries to write into one (no Python guard: the mount itself must refuse).
+PACKAGES_HARNESS = r"""
+import json, sys
+from eval.sandbox import Limits, Sandbox
+places = json.loads(sys.argv[1])
+program = f'''
+import _io, importlib, os
+IMPORTED, LISTED = {{}}, {{}}
+for name in {sorted(places)!r}:
+    try:
+        IMPORTED[name] = importlib.import_module(name).WHERE
+    except Exception as e:
+        IMPORTED[name] = repr(e)
+for folder in {sorted({v["parent"] for v in places.values()})!r}:
+    LISTED[folder] = sorted(os.listdir(folder)) if os.path.isdir(folder) else None
+try:
+    _io.FileIO(os.path.join({places["balora_probe_venv"]["folder"]!r}, "written"), "w")
+    WROTE = True
+except OSError:
+    WROTE = False
+'''
+test = f"print(LISTED)\nassert IMPORTED == {({k: k for k in places})!r}, IMPORTED\nassert not WROTE\n"
+result = Sandbox(Limits(timeout_s=20.0), workers=1, python_guard=False).run(program, test)
+print(json.dumps({"status": result.status, "isolation": result.isolation, "stderr": result.stderr[-2000:],
+                  "stdout": result.stdout, "executable": sys.executable}))
+"""
+
+
+@as_root
+def test_the_interpreters_packages_import_wherever_they_live_and_nothing_else_shows(tmp_path):
+    """The README's install in a venv under /tmp, a user site in a home folder, on PYTHONPATH a folder under /var/tmp
+    and a zip under /dev/shm: the sandbox's private /tmp, /var/tmp, /dev/shm and hidden homes cover all four; each
+    is bound back read-only, while a file beside it stays hidden."""
+    import json
+    import subprocess
+    import sys
+    import sysconfig
+    import zipfile
+
+    tag = f"balora-sandbox-test-{secrets.token_hex(4)}"
+    venv, home, var_tmp = tmp_path / "venv", os.path.join("/root", "." + tag), os.path.join("/var/tmp", tag)
+    shm = os.path.join("/dev/shm", tag)
+    # --system-site-packages: the user site counts there (an isolated venv ignores it)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(venv)], check=True)
+    python = str(venv / "bin" / "python")
+    version = sysconfig.get_path("purelib", vars={"base": "", "platbase": ""}).lstrip("/")  # lib/python3.X/...
+    places = {"balora_probe_venv": str(venv / version), "balora_probe_user": os.path.join(home, "base", version),
+              "balora_probe_path": os.path.join(var_tmp, "pythonpath"),
+              "balora_probe_zip": os.path.join(shm, "probe.zip")}
+    try:
+        # beside each: a file the program must not see (the venv is the interpreter's prefix: it shows whole)
+        around = {"balora_probe_venv": str(tmp_path), "balora_probe_user": os.path.dirname(places["balora_probe_user"]),
+                  "balora_probe_path": var_tmp, "balora_probe_zip": shm}
+        for name, folder in places.items():
+            os.makedirs(around[name], exist_ok=True)
+            if folder.endswith(".zip"):
+                with zipfile.ZipFile(folder, "w") as z:
+                    z.writestr(f"{name}/__init__.py", f"WHERE = {name!r}\n")
+            else:
+                os.makedirs(os.path.join(folder, name), exist_ok=True)
+                with open(os.path.join(folder, name, "__init__.py"), "w") as f:
+                    f.write(f"WHERE = {name!r}\n")
+            with open(os.path.join(around[name], "secret.txt"), "w") as f:
+                f.write("not for the program")
+        # the venv also finds what this interpreter finds (eval, tqdm; in CI they live in CI's own venv)
+        with open(os.path.join(places["balora_probe_venv"], "harness.pth"), "w") as f:
+            f.write("\n".join(p for p in sys.path if os.path.isabs(p) and os.path.isdir(p)) + "\n")
+        env = {**os.environ, "PYTHONUSERBASE": os.path.join(home, "base"),
+               "PYTHONPATH": f"{places['balora_probe_path']}:{places['balora_probe_zip']}"}
+        arg = {name: {"folder": os.path.join(folder, name), "parent": around[name]} for name, folder in places.items()}
+        run = subprocess.run([python, "-c", PACKAGES_HARNESS, json.dumps(arg)], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(var_tmp, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.splitlines()[-1])
+    assert result["executable"] == python and result["isolation"] == "namespaces"
+    assert result["status"] == "passed", result["stderr"]
+    listed = eval(result["stdout"])
+    # around each bound folder, nothing of the host (no secret.txt): only the way to the bound folder
+    assert listed == {str(tmp_path): ["venv"], around["balora_probe_user"]: ["site-packages"],
+                      var_tmp: ["pythonpath"], shm: ["probe.zip"]}, listed
+
+
 @as_root
 def test_writes_outside_the_folder_fail_in_the_kernel_not_only_in_python(outside):
     folder, sentinel = outside

@@ -187,6 +187,7 @@ def test_zero3_saves_convert_and_checkpoints_keep_the_initial_adapter(use_dora, 
     The final output is a rank-2r adapter reproducing the trained model on the original base (DoRA included: its
     output depends on W_res + s·BA only, which the converted delta rebuilds on W); the checkpoint's reference is the
     initial adapter, so `balora merge checkpoint-N` reproduces the trained model too.
+    Emulated: tests/test_deepspeed.py saves a real ZeRO-3 run with an exact (deterministic) PiSSA init and no DoRA.
     """
     trainer = BALoraSFTTrainer(
         original_base(base_dir),

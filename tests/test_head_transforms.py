@@ -155,7 +155,8 @@ def test_running_the_own_head_leaves_the_model_as_it_was(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# ZeRO-3 with a trained head, emulated on one process
+# ZeRO-3 with a trained head, emulated on one process (tests/test_deepspeed.py runs real ZeRO-3 with the frozen head
+# on both head paths; a trained head under ZeRO-3 has not run for real)
 # ---------------------------------------------------------------------------------------------------------------
 
 

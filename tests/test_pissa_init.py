@@ -467,3 +467,58 @@ def test_library_use_and_exact_resume_without_svd(pi_dir, tokenizer, tmp_path, m
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_a_swapped_half_is_caught_from_the_data(original_dir, pi_dir, tmp_path, capsys):
+    """Issue 30: the pair checked from the weights. Another pissa-init run of the same model (randomised SVD: the
+    same shapes, r and α; other B₀A₀, so another residual) swapped in for one half is refused whichever metadata
+    file is removed; a true pair passes with either file removed; with none, one warning says it is unchecked."""
+    import subprocess
+    import sys
+
+    from balora_trl.pissa_init import adapter_fingerprint, residual_fingerprint
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    other = tmp_path / "other"
+    leftover = tmp_path / f"other.tmp-{gone}"  # what a killed pissa-init of this --out leaves
+    leftover.mkdir()
+    capsys.readouterr()
+    pissa_init(original_dir, str(other), r=R, lora_alpha=ALPHA, init="pissa_niter_1", progress=False)
+    assert not leftover.exists() and f"Removed {leftover}" in capsys.readouterr().err
+    meta = json.loads((other / METADATA_FILE).read_text())
+    assert meta["residual_sha256"] and meta["adapter_sha256"]
+    assert json.loads((other / ADAPTER_SUBDIR / METADATA_FILE).read_text()) == meta  # both halves carry both
+
+    # the residual's metadata removed, another run's pissa_init/ in its place: its metadata names another residual
+    mixed = tmp_path / "mixed"
+    shutil.copytree(pi_dir, mixed)
+    shutil.rmtree(mixed / ADAPTER_SUBDIR)
+    shutil.copytree(other / ADAPTER_SUBDIR, mixed / ADAPTER_SUBDIR)
+    os.remove(mixed / METADATA_FILE)
+    with pytest.raises(ValueError, match=r"the residual weights in .*mixed are not the ones the adapter was made with"):
+        check_pair(find_pissa_init(str(mixed)), r=R, lora_alpha=ALPHA)
+    # only the adapter's weights swapped: both metadata files say they are not these
+    swapped = tmp_path / "swapped"
+    shutil.copytree(pi_dir, swapped)
+    shutil.copy(other / ADAPTER_SUBDIR / "adapter_model.safetensors", swapped / ADAPTER_SUBDIR)
+    with pytest.raises(ValueError, match=r"the adapter weights in .*swapped/pissa_init are not the ones"):
+        check_pair(find_pissa_init(str(swapped)), r=R, lora_alpha=ALPHA)
+    # the swap is a real one: the two runs' residuals differ (randomised vs exact SVD)
+    modules = {k[len("base_model.model."):].split(".lora_")[0] for k in find_pissa_init(str(other)).initial_state()}
+    assert residual_fingerprint(pi_dir, modules) != residual_fingerprint(str(other), modules)
+    assert adapter_fingerprint(find_pissa_init(pi_dir).initial_state()) == json.loads(
+        (Path(pi_dir) / METADATA_FILE).read_text())["adapter_sha256"]
+
+    # a true pair with either metadata file removed passes: the other one vouches for both halves
+    for removed in (METADATA_FILE, f"{ADAPTER_SUBDIR}/{METADATA_FILE}"):
+        pair = tmp_path / f"pair_{removed.replace('/', '_')}"
+        shutil.copytree(pi_dir, pair)
+        os.remove(pair / removed)
+        check_pair(find_pissa_init(str(pair)), r=R, lora_alpha=ALPHA)
+    # no metadata at all (PEFT's layout): cannot be checked from the data, and it says so
+    bare = tmp_path / "bare"
+    shutil.copytree(mixed, bare)
+    os.remove(bare / ADAPTER_SUBDIR / METADATA_FILE)
+    with pytest.warns(UserWarning, match="has no balora_pissa_init.json with weight fingerprints"):
+        check_pair(find_pissa_init(str(bare)), r=R, lora_alpha=ALPHA)

@@ -100,6 +100,7 @@ def test_release_recipe_parses_with_the_releases_settings(path):
     assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (4, 4)
     assert training.num_train_epochs == 1 and training.seed == 1024 and training.weight_decay == 0.0
     assert training.completion_only_loss is True and script.max_train_samples == 100_000
+    assert script.tokenization == "release"  # train.py's joining and truncation
     assert set(model.lora_target_modules) == set(paper_model.lora_target_modules)
     assert model.model_name_or_path == paper_model.model_name_or_path
 
@@ -116,7 +117,8 @@ def test_release_recipe_parses_with_the_releases_settings(path):
     # The header says where each value comes from.
     text = path.read_text()
     for source in ("scripts/ba-lora.sh", "train.py", "github.com/llm172/BA-LoRA", "lambda1 0.025", "top_k_entropy 20",
-                   "svd_frob_norm", "distill_temp 2.0", "pissa_niter_16", "seed 1024"):
+                   "svd_frob_norm", "distill_temp 2.0", "pissa_niter_16", "seed 1024", "mean per micro-batch",
+                   "casts the whole PEFT model to bf16"):
         assert source in text, source
 
 
@@ -157,9 +159,11 @@ def test_accelerate_configs_load():
         "deepspeed_zero3": DistributedType.DEEPSPEED,
         "fsdp_pissa_init": DistributedType.FSDP,  # pre-initialised PiSSA: tests/test_pissa_init.py
         "deepspeed_zero3_pissa_init": DistributedType.DEEPSPEED,
+        "deepspeed_zero2_cpu": DistributedType.DEEPSPEED,  # 2 CPU processes: tests/test_deepspeed.py
+        "deepspeed_zero3_cpu": DistributedType.DEEPSPEED,
     }
-    for name in kinds:  # the recipes compute in float32
-        assert _load(name).mixed_precision == "no"
+    for name in kinds:  # the recipes compute in float32 (with a DeepSpeed file, the job's --bf16 decides: "auto")
+        assert _load(name).mixed_precision == (None if name == "deepspeed_zero3_cpu" else "no")
 
 
 def test_fsdp_config_fits_peft_and_pissa():
@@ -172,5 +176,19 @@ def test_fsdp_config_fits_peft_and_pissa():
 def test_deepspeed_configs():
     zero2, zero3 = _load("deepspeed_zero2").deepspeed_config, _load("deepspeed_zero3").deepspeed_config
     assert zero2["zero_stage"] == 2 and zero3["zero_stage"] == 3
-    assert zero3["zero3_init_flag"] is False  # PiSSA's SVD runs on whole weights before DeepSpeed shards them
+    assert zero3["zero3_init_flag"] is False  # accelerate's default (transformers 5 partitions at load regardless)
     assert zero3["zero3_save_16bit_model"] is True  # the adapter is gathered from the shards at save time
+
+
+def test_deepspeed_cpu_configs():
+    """The CPU variants: use_cpu, and ZeRO-3's DeepSpeed file (named relative to the repository's root) partitions
+    every parameter and gathers the adapter at save time."""
+    import json
+
+    zero2, zero3 = _load("deepspeed_zero2_cpu"), _load("deepspeed_zero3_cpu")
+    assert zero2.use_cpu and zero3.use_cpu and zero2.deepspeed_config["zero_stage"] == 2
+    ds_file = ACCELERATE.parents[1] / zero3.deepspeed_config["deepspeed_config_file"]
+    ds = json.loads(ds_file.read_text())["zero_optimization"]
+    assert ds["stage"] == 3 and ds["stage3_param_persistence_threshold"] == 0
+    assert ds["stage3_gather_16bit_weights_on_model_save"] is True
+    assert json.loads(ds_file.read_text())["bf16"]["enabled"] == "auto"  # the job's --bf16 (false: float32)

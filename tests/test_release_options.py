@@ -294,6 +294,26 @@ def _mean_kl_last(trainer, n=20):
     return sum(kls[-n:]) / n
 
 
+def test_a_kl_horizon_at_or_below_the_clip_is_refused(tmp_path):
+    """λ1 ← λ1·(1 + e/h) with e as low as −0.2: at h = 0.2 one step below target sets λ1 to 0 (its floor; with
+    λ1_min = 0 a multiplicative controller never leaves it), below 0.2 the factor is negative. Refused with one line,
+    in the config and in the controller; just above the clip λ1 stays > 0 however long the KL stays at 0."""
+    from balora_trl.schedules import KLController
+
+    for horizon in (0.2, 0.1, 0.0, -1.0):
+        with pytest.raises(ValueError, match=rf"`kl_horizon` must be a finite number > 0\.2 .*got {horizon}:"):
+            cpu_config(tmp_path, kl_target=0.01, kl_horizon=horizon, lambda_consistency_min=0.0)
+        with pytest.raises(ValueError, match="horizon must be > 0.2"):
+            KLController(1.0, 0.01, horizon, 0.0, 10.0)
+    assert cpu_config(tmp_path, kl_target=0.01, kl_horizon=0.25).kl_horizon == 0.25
+    controller = KLController(1.0, 0.01, 0.25, 0.0, 10.0)
+    for _ in range(10):
+        controller.update(0.0)  # K̄ = 0: e = −0.2, factor 1 − 0.2/0.25 = 0.2
+    assert controller.value == pytest.approx(0.2 ** 10, rel=1e-12) and controller.value > 0
+    controller.update(1.0)  # and it can come back: e = +0.2, factor 1.8
+    assert controller.value == pytest.approx(1.8 * 0.2 ** 10, rel=1e-12)
+
+
 @pytest.mark.slow
 def test_kl_budget_holds_the_kl_where_the_paper_lambda_drifts(make_model, tokenizer, short_rows, tmp_path,
                                                               one_torch_thread):

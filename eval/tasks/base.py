@@ -17,7 +17,7 @@ from ..data import hub_rows
 from ..prompting import Prompt, PromptFormatter, display
 from ..report import markdown_table
 
-PROTOCOL_NAMES = ("default", "authors")
+PROTOCOL_NAMES = ("default", "authors", "authors_inference")  # the last: gsm8k only (eval/tasks/gsm8k.py)
 
 
 @dataclass

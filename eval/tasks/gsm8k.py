@@ -4,10 +4,16 @@
 (the format BA-LoRA/PiSSA models are trained on), else GSM8K's "#### N", else the last number in the text; it is
 compared exactly over rationals, so "1,000" == "1000", "0.50" == "1/2" == "\\frac{1}{2}", "$18.00" == "18".
 
-``authors``: what the BA-LoRA release's scripts do (``inference/gsm8k_inference.py``, ``utils/test_acc.py``): the
-prompt ends with "### Response: Let's think step by step.", 1024 new tokens, generation stops at "Instruction" or
-"Response"; only text after the last "The answer is: " counts, its first number (``[-+]?\\d*[.,/]?\\d+``) is
-rounded to an integer (Python's ``round``: 17.6 counts for 18, 2.5 for 2) and compared with the gold integer.
+``authors``: the BA-LoRA release's own evaluation pipeline, the one its run script ``scripts/ba-lora.sh`` chains
+after training (github.com/llm172/BA-LoRA, ``utils/gen_vllm.py`` then ``utils/test_acc.py`` at commit 2829797):
+the training prompt as it is ("### Response:", no suffix), 1024 new tokens, no stop strings, greedy; only text after
+the last "The answer is: " counts, its first number (``[-+]?\d*[.,/]?\d+``) is rounded to an integer (Python's
+``round``: 17.6 counts for 18, 2.5 for 2) and must equal the gold number exactly (``test_acc.py``).
+
+``authors_inference``: the release's other GSM8K script, ``inference/gsm8k_inference.py`` (MetaMath's): the prompt
+ends with "### Response: Let's think step by step.", 1024 new tokens, stops at "Instruction:", "Instruction",
+"Response:", "Response"; same extraction, but a prediction also counts when ``grader.math_equal`` accepts it: for
+numbers, within a relative 1e-4 of the gold, of gold / 100 or of gold x 100 (:func:`math_equal_numbers`).
 
 The protocol chosen for a run sets the prompt and the headline number; the other protocol's extraction is applied to
 the same generations too, so both accuracies are in the summary.
@@ -17,6 +23,7 @@ Data: the GSM8K test split (1,319 problems, MIT) ships in ``eval/data/gsm8k_test
 
 from __future__ import annotations
 
+import math
 import re
 from fractions import Fraction
 
@@ -98,6 +105,21 @@ def authors_is_correct(prediction: int | None, gold: str) -> bool:
     return prediction is not None and expected is not None and Fraction(prediction) == expected
 
 
+def math_equal_numbers(prediction: int | None, gold: str) -> bool:
+    """``gsm8k_inference.py``'s verdict: ``float(pred) == float(gold) or math_equal(pred, gold)``, where the
+    release's ``grader.math_equal`` (ToRA's), for two numbers, accepts the prediction within ``math.isclose``'s
+    relative 1e-4 of gold / 100, gold or gold x 100 (its ``include_percentage``). GSM8K's golds are numbers, so its
+    symbolic branch (sympy) is never reached here; a non-numeric gold is compared exactly."""
+    if prediction is None:
+        return False
+    try:
+        reference = float(gold.replace(",", ""))
+    except ValueError:
+        return authors_is_correct(prediction, gold)
+    return any(math.isclose(candidate, float(prediction), rel_tol=1e-4)
+               for candidate in (reference / 100, reference, reference * 100))
+
+
 def gold_answer(solution: str) -> str:
     """The number after '####' in a GSM8K reference solution."""
     return solution.split("####")[-1].strip()
@@ -108,8 +130,9 @@ class GSM8K(Task):
     max_new_tokens = 512
     protocols = {
         "default": dict(max_new_tokens=512),
-        "authors": dict(max_new_tokens=1024, prompt_suffix=" Let's think step by step.",
-                        stop=("Instruction", "Response")),
+        "authors": dict(max_new_tokens=1024),
+        "authors_inference": dict(max_new_tokens=1024, prompt_suffix=" Let's think step by step.",
+                                  stop=("Instruction:", "Instruction", "Response:", "Response")),
     }
 
     def load(self):
@@ -135,7 +158,9 @@ class GSM8K(Task):
             default = extract_answer(generation)
             authors = authors_extract(generation)
             by_protocol = {"default": {"extracted": default, "correct": is_correct(default, sample["gold"])},
-                           "authors": {"extracted": authors, "correct": authors_is_correct(authors, sample["gold"])}}
+                           "authors": {"extracted": authors, "correct": authors_is_correct(authors, sample["gold"])},
+                           "authors_inference": {"extracted": authors,
+                                                 "correct": math_equal_numbers(authors, sample["gold"])}}
             chosen = by_protocol[self.protocol]
             records.append({"extracted": chosen["extracted"], "gold": sample["gold"], "correct": chosen["correct"],
                             "verdict": "correct" if chosen["correct"] else "wrong", "by_protocol": by_protocol})

@@ -4,13 +4,21 @@
 last ``\\boxed{...}`` (``\\fbox``) of the generation, else MetaMath's "The answer is: X", else whatever math-verify
 finds in the whole text.
 
-``authors``: what the BA-LoRA release does (``inference/math_inference.py``, ``utils/test_acc.py``): prompt ending in
-"### Response: Let's think step by step.", 1024 new tokens; the answer is the text after the last "The answer is: "
-up to the first ".\\n", without a final "."; it must equal the gold answer after Hendrycks et al.'s string
-normalisation (:func:`hendrycks_normalize`). No marker: wrong. Stricter than math-verify: "0.5" matches "\\frac12"
-but "(1, 2)" vs "(1,2)" only through the space rule, "x^2+1" never matches "1+x^2".
+``authors``: the BA-LoRA release's own evaluation pipeline, the one its run script ``scripts/ba-lora.sh`` chains after
+training (github.com/llm172/BA-LoRA, ``utils/gen_vllm.py`` then ``utils/test_acc.py`` at commit 2829797): the training
+prompt as it is ("### Response:", no suffix), 1024 new tokens, no stop strings, greedy; the answer is the text after
+the last "The answer is: " up to the first ".\n", without a final "."; it must equal the gold answer after Hendrycks
+et al.'s string normalisation (:func:`hendrycks_normalize`). No marker: wrong. Stricter than math-verify: "0.5"
+matches "\frac12" but "(1, 2)" vs "(1,2)" only through the space rule, "x^2+1" never matches "1+x^2".
 
-The gold answer is the dataset's ``answer`` field or the last boxed expression of its reference ``solution``.
+Not reproduced: the release's other MATH script, ``inference/math_inference.py`` (MetaMath's): "Let's think step by
+step." suffix, 2048 tokens, stops at Question/USER/ASSISTANT/Instruction/Response (with and without ":"), sympy's
+``grader.math_equal`` beside the string rule, and golds through ``remove_boxed``, which only reads "\boxed{...}": a
+reference ending in "\fbox{...}" or "\boxed 5" has no gold there and counts as wrong whatever the model says.
+
+The gold answer is the dataset's ``answer`` field (what ``test_acc.py`` compares with: the release's data carries it)
+or, for files without one, the last boxed expression of the reference ``solution`` (``\boxed{...}``, ``\fbox{...}``
+or ``\boxed 5``).
 Default data: the 5,000-problem MATH test set (EleutherAI/hendrycks_math, all seven subjects) from the Hub;
 ``--dataset HuggingFaceH4/MATH-500`` or ``--data_file`` for others (offline: ``--data_file``).
 """
@@ -177,8 +185,7 @@ class MATH(Task):
     max_new_tokens = 1024
     protocols = {
         "default": dict(max_new_tokens=1024),
-        "authors": dict(max_new_tokens=1024, prompt_suffix=" Let's think step by step.",
-                        stop=("Instruction", "Response")),
+        "authors": dict(max_new_tokens=1024),
     }
     hub_hint = "a .jsonl with 'problem' and 'solution' or 'answer' fields, e.g. MATH's test split"
 

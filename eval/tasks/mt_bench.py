@@ -7,7 +7,8 @@ greedy), unless ``--temperature`` is given.
 Judgments, through any OpenAI-compatible chat endpoint at temperature 0: turn 1 with ``single-v1`` (``single-math-v1``
 with GPT-4's reference answer for math, reasoning and coding), turn 2 with ``single-v1-multi-turn``
 (``single-math-v1-multi-turn``, both reference turns), which show the whole conversation and ask about the second
-answer. Rating: the first ``[[N]]`` of the judgment, else the first ``[N]``; any number is kept (FastChat does not
+answer. Rating: the first ``[[N]]`` of the judgment, else the first ``[N]``, read as FastChat reads it
+(``ast.literal_eval``: "[[08]]" is no rating, see :func:`parse_score`); any number is kept (FastChat does not
 range-check); none gives -1. Ratings of -1 are recorded and excluded from every mean. Scores: turn 1 mean, turn 2 mean,
 and the headline — FastChat's "Average": the mean of every rating other than -1, both turns pooled (equal to the
 mean of the two turn means when no rating is -1). Questions without a second turn get no turn-2 judgment.
@@ -20,6 +21,7 @@ The questions, judge prompts and reference answers ship in ``eval/data`` (lm-sys
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -44,9 +46,18 @@ _SCORE_BACKUP = re.compile(r"\[(\d+\.?\d*)\]")
 
 
 def parse_score(judgment: str | None) -> float:
-    """FastChat's rule: the first ``[[N]]``, else the first ``[N]``; ``NO_RATING`` (-1) when there is none."""
+    """FastChat's rule (``llm_judge/common.py``, ``run_judge_single``): the first ``[[N]]``, else the first ``[N]``,
+    read by ``ast.literal_eval``; ``NO_RATING`` (-1) when there is none. Where ``literal_eval`` rejects the number
+    (a leading zero: "[[08]]", "[[007]]"), FastChat's judging run stops with a SyntaxError and records nothing for
+    that judgment; here it is unrated (-1), so the headline still equals FastChat's over the judgments it records.
+    "[[00]]" and "[[08.5]]" are numbers to ``literal_eval`` (0 and 8.5) and count as such, as in FastChat."""
     match = (_SCORE.search(judgment) or _SCORE_BACKUP.search(judgment)) if judgment else None
-    return float(match.group(1)) if match else NO_RATING
+    if match is None:
+        return NO_RATING
+    try:
+        return float(ast.literal_eval(match.group(1)))
+    except (SyntaxError, ValueError):
+        return NO_RATING
 
 
 def category_temperature(category: str) -> float:
