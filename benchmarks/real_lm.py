@@ -218,7 +218,9 @@ def merge(adapter: Path, model_dir: str, out: Path) -> None:
 
 
 def eval_gsm8k(model: str, subset_file: Path, out: Path, design: Design) -> list[dict]:
-    run([sys.executable, "-m", "eval", "gsm8k", "--model", model, "--protocol", "authors", "--backend",
+    # The pre-registered prompt and stops are the harness's `authors_inference` protocol (gsm8k_inference.py); the
+    # pre-registered scoring is the exact rule (test_acc.py), which every record also carries (`by_protocol`).
+    run([sys.executable, "-m", "eval", "gsm8k", "--model", model, "--protocol", "authors_inference", "--backend",
          "transformers", "--dtype", "float32", "--max_new_tokens", str(design.gen_tokens), "--data_file",
          str(subset_file), "--output_dir", str(out), "--batch_size", str(design.eval_batch)])
     return read_jsonl(out / "gsm8k.jsonl")
@@ -370,8 +372,8 @@ def gsm8k_accuracy(ctx: Context, model_path: str, cell: Path, n: int, untuned: b
     # cut: the answer used the whole budget (its re-tokenised length reaches the cap, one token of slack)
     cut = sum(len(ctx.tokenizer(r["generation"], add_special_tokens=False)["input_ids"]) >= d.gen_tokens - 1
               for r in records)
-    result = {"accuracy": sum(bool(r["correct"]) for r in records) / len(records),
-              "correct": {str(r["id"]): bool(r["correct"]) for r in records}, "cut_by_limit": cut,
+    correct = {str(r["id"]): bool(r["by_protocol"]["authors"]["correct"]) for r in records}
+    result = {"accuracy": sum(correct.values()) / len(records), "correct": correct, "cut_by_limit": cut,
               "n": len(records)}
     _atomic_json(path, result)
     return result
