@@ -57,5 +57,7 @@ def test_two_processes_share_the_work_and_agree(tmp_path):
     # Only rank 0 wrote the output: it wrote the adapter folder's files, rank 1 wrote nothing under output_dir.
     assert ranks[1]["writes"] == []
     written = {Path(w.split(" ", 1)[1]).name for w in ranks[0]["writes"]}
-    assert {"prompt_template.json", "training_metrics.json", "logs.jsonl"} <= written
+    # the log is written as logs.partial.jsonl while training and renamed to logs.jsonl once the run has saved
+    assert {"prompt_template.json", "training_metrics.json", "logs.partial.jsonl"} <= written
+    assert (out / "logs.jsonl").is_file() and not (out / "logs.partial.jsonl").exists()
     assert (out / "adapter_model.safetensors").is_file() and (out / "base_model" / "config.json").is_file()

