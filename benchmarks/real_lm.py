@@ -110,6 +110,13 @@ def metamath_answer(solution: str) -> str:
     return f"{body.rstrip()}\nThe answer is: {final.strip()}"
 
 
+def alpaca():
+    """The registered prompt template (the authors' Alpaca prompt), imported late like the rest of balora_trl."""
+    from balora_trl.prompts import ALPACA, PromptTemplate
+
+    return PromptTemplate("alpaca", ALPACA)
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
@@ -172,9 +179,8 @@ def train(model_dir: str, arm: Arm, lr: float, seed: int, rows: list[dict], val:
     from peft import LoraConfig
 
     from balora_trl import BALoraConfig, BALoraSFTTrainer
-    from balora_trl.prompts import ALPACA, PromptTemplate
 
-    template = PromptTemplate("alpaca", ALPACA)
+    template = alpaca()
     work = out / f"train.tmp-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     args = BALoraConfig(
@@ -228,15 +234,13 @@ def eval_gsm8k(model: str, subset_file: Path, out: Path, design: Design) -> list
 
 def untuned_view(model_dir: str, root: Path) -> str:
     """The untuned model prompted like the tuned ones: its files linked beside an Alpaca prompt_template.json."""
-    from balora_trl.prompts import ALPACA, PromptTemplate
-
     view = root / "untuned_alpaca"
     if not (view / "prompt_template.json").exists():
         view.mkdir(parents=True, exist_ok=True)
         for name in os.listdir(model_dir):
             if name != "prompt_template.json" and not (view / name).exists():
                 os.symlink(os.path.join(os.path.abspath(model_dir), name), view / name)
-        PromptTemplate("alpaca", ALPACA).save(str(view))
+        alpaca().save(str(view))
     return str(view)
 
 
@@ -346,13 +350,10 @@ def untuned_probes(ctx: Context) -> dict:
     path = ctx.root / "untuned_probes.json"
     if path.exists():
         return json.loads(path.read_text())
-    from balora_trl.prompts import ALPACA, PromptTemplate
-
     d = ctx.design
     model = load_lm(ctx.model_dir)
     chat = chat_prompts(ctx.tokenizer, ctx.mt_questions)
-    alpaca = PromptTemplate("alpaca", ALPACA)
-    gsm = [alpaca.render(r["question"]) + " Let's think step by step."
+    gsm = [alpaca().render(r["question"]) + " Let's think step by step."
            for r in test_subset(ctx.test_rows, d.gsm_kl_n)]
     log(f"untuned answers: {len(chat)} MT-Bench first turns, {len(gsm)} GSM8K problems")
     probes = {"chat_prompts": chat, "chat_answers": greedy(model, ctx.tokenizer, chat, d.chat_tokens),
@@ -419,9 +420,7 @@ def cell(ctx: Context, arm_name: str, lr: float, seed: int, with_val: bool = Fal
     folder.mkdir(parents=True, exist_ok=True)
     train_json = folder / "train.json"
     if not train_json.exists() or (with_val and "val_loss" not in json.loads(train_json.read_text())):
-        from balora_trl.prompts import ALPACA, PromptTemplate
-
-        rows = training_rows(ctx.pool, seed, d, ctx.tokenizer, PromptTemplate("alpaca", ALPACA))
+        rows = training_rows(ctx.pool, seed, d, ctx.tokenizer, alpaca())
         log(f"train {arm_name} lr={lr:g} seed={seed} ({len(rows)} rows, {d.steps} steps)")
         metrics = train(ctx.model_dir, arm, lr, seed, rows, ctx.val if with_val else None, d, folder)
         metrics["terms"] = term_magnitudes(metrics["log_history"], arm.lambdas)
