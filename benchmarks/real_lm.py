@@ -166,10 +166,14 @@ def training_rows(pool: list[dict], seed: int, design: Design, tokenizer, templa
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _atomic_json(path: Path, data) -> None:
+def _atomic_text(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _atomic_json(path: Path, data) -> None:
+    _atomic_text(path, json.dumps(data, indent=2, default=str))
 
 
 def train(model_dir: str, arm: Arm, lr: float, seed: int, rows: list[dict], val: list[dict] | None, design: Design,
@@ -256,8 +260,10 @@ def load_lm(path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch: int = 8) -> list[list[int]]:
-    """Greedy continuations (token ids, the end-of-turn token kept when generated) of text prompts."""
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch: int = 8,
+           stop: tuple[str, ...] = ()) -> list[list[int]]:
+    """Greedy continuations (token ids, the end-of-turn token kept when generated) of text prompts, cut before the
+    token that completes the first ``stop`` string (as the harness cuts its text)."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -273,8 +279,19 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch: int
                 ids.append(t)
                 if t == tokenizer.eos_token_id:
                     break
-            outs.append(ids)
+            outs.append(cut_at_stop(tokenizer, ids, stop) if stop else ids)
     return outs
+
+
+def cut_at_stop(tokenizer, ids: list[int], stop: tuple[str, ...]) -> list[int]:
+    """The longest prefix of ``ids`` whose text stays within the text before the first stop string."""
+    from eval.backends import truncate_at_stop
+
+    kept = len(truncate_at_stop(tokenizer.decode(ids), stop))
+    k = len(ids)
+    while k and len(tokenizer.decode(ids[:k])) > kept:
+        k -= 1
+    return ids[:k]
 
 
 def chat_prompts(tokenizer, questions: list[str]) -> list[str]:
@@ -337,45 +354,64 @@ class Context:
     probes: dict = field(default_factory=dict)
 
 
-def subset_file(ctx: Context, n: int) -> Path:
-    path = ctx.root / f"gsm8k_test_subset_{n}.jsonl"
+def slices(ctx: Context, n: int) -> list[tuple[int, int]]:
+    """The parts of the fixed permutation's first ``n`` problems, cut at the registered sizes (400 | 600 | all), so
+    that a larger subset adds only its new problems to what was already generated."""
+    d = ctx.design
+    edges = sorted({0, n} | {e for e in (d.test_n, d.test_n_extended, len(ctx.test_rows)) if e < n})
+    return list(zip(edges, edges[1:]))
+
+
+def subset_file(ctx: Context, start: int, stop: int) -> Path:
+    path = ctx.root / f"gsm8k_test_{start}-{stop}.jsonl"
     if not path.exists():
-        rows = test_subset(ctx.test_rows, n)
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        rows = test_subset(ctx.test_rows, stop)[start:]
+        _atomic_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
 def untuned_probes(ctx: Context) -> dict:
     """The untuned model's greedy answers (token ids): MT-Bench first turns (chat) and GSM8K problems (authors')."""
+    from eval.tasks.gsm8k import GSM8K
+
     path = ctx.root / "untuned_probes.json"
     if path.exists():
         return json.loads(path.read_text())
     d = ctx.design
     model = load_lm(ctx.model_dir)
     chat = chat_prompts(ctx.tokenizer, ctx.mt_questions)
-    gsm = [alpaca().render(r["question"]) + " Let's think step by step."
-           for r in test_subset(ctx.test_rows, d.gsm_kl_n)]
+    protocol = GSM8K.protocols["authors_inference"]  # the registered prompt suffix and stop strings
+    gsm = [alpaca().render(r["question"]) + protocol["prompt_suffix"] for r in test_subset(ctx.test_rows, d.gsm_kl_n)]
     log(f"untuned answers: {len(chat)} MT-Bench first turns, {len(gsm)} GSM8K problems")
     probes = {"chat_prompts": chat, "chat_answers": greedy(model, ctx.tokenizer, chat, d.chat_tokens),
-              "gsm_prompts": gsm, "gsm_answers": greedy(model, ctx.tokenizer, gsm, d.gen_tokens)}
+              "gsm_prompts": gsm,
+              "gsm_answers": greedy(model, ctx.tokenizer, gsm, d.gen_tokens, stop=tuple(protocol["stop"]))}
     _atomic_json(path, probes)
     return probes
 
 
 def gsm8k_accuracy(ctx: Context, model_path: str, cell: Path, n: int, untuned: bool = False) -> dict:
-    """GSM8K (authors' protocol) on the first ``n`` problems of the fixed permutation; cached per ``n``."""
+    """GSM8K (authors' protocol) on the first ``n`` problems of the fixed permutation; each slice cached."""
     path = cell / f"gsm8k_{n}.json"
     if path.exists():
         return json.loads(path.read_text())
     d = ctx.design
-    records = eval_gsm8k(untuned_view(ctx.model_dir, ctx.root) if untuned else model_path, subset_file(ctx, n),
-                         cell / f"gsm8k_{n}", d)
-    # cut: the answer used the whole budget (its re-tokenised length reaches the cap, one token of slack)
-    cut = sum(len(ctx.tokenizer(r["generation"], add_special_tokens=False)["input_ids"]) >= d.gen_tokens - 1
-              for r in records)
-    correct = {str(r["id"]): bool(r["by_protocol"]["authors"]["correct"]) for r in records}
-    result = {"accuracy": sum(correct.values()) / len(records), "correct": correct, "cut_by_limit": cut,
-              "n": len(records)}
+    correct, cut = {}, 0
+    for start, stop in slices(ctx, n):
+        part = cell / f"gsm8k_{start}-{stop}.json"
+        if not part.exists():
+            records = eval_gsm8k(untuned_view(ctx.model_dir, ctx.root) if untuned else model_path,
+                                 subset_file(ctx, start, stop), cell / f"gsm8k_{start}-{stop}", d)
+            # cut: the answer used the whole budget (its re-tokenised length reaches the cap, one token of slack)
+            _atomic_json(part, {
+                "correct": {str(r["id"]): bool(r["by_protocol"]["authors"]["correct"]) for r in records},
+                "cut_by_limit": sum(len(ctx.tokenizer(r["generation"], add_special_tokens=False)["input_ids"])
+                                    >= d.gen_tokens - 1 for r in records)})
+        done = json.loads(part.read_text())
+        correct.update(done["correct"])
+        cut += done["cut_by_limit"]
+    result = {"accuracy": sum(correct.values()) / len(correct), "correct": correct, "cut_by_limit": cut,
+              "n": len(correct)}
     _atomic_json(path, result)
     return result
 
@@ -649,18 +685,22 @@ def main(argv: list[str] | None = None) -> int:
     order = [(arm, seed) for seed in design.seeds for arm in design.arms if arm in ("pissa", "ba_paper",
              "ba_anchored")] + [(arm, seed) for arm in design.arms if arm not in ("pissa", "ba_paper", "ba_anchored")
                                 for seed in design.seeds]
-    trained = []
-    for arm, seed in order:
-        done = (ctx.root / f"{arm}_lr{lr:g}_s{seed}" / "train.json").exists()
-        if done or not args.report_only:
-            trained.append(cell(ctx, arm, lr, seed))
 
     def measured(info: dict) -> bool:
         folder = Path(info["folder"])
         return (folder / f"gsm8k_{ctx.subset_n}.json").exists() and (folder / "drift.json").exists()
 
+    # each cell is trained and measured before the next starts, so an interrupted run leaves complete cells
     untuned = measure_untuned(ctx, ctx.subset_n)
-    results = [{**t, **evaluate_cell(ctx, t)} for t in trained if not args.report_only or measured(t)]
+    trained, results = [], []
+    for arm, seed in order:
+        done = (ctx.root / f"{arm}_lr{lr:g}_s{seed}" / "train.json").exists()
+        if args.report_only and not done:
+            continue
+        info = cell(ctx, arm, lr, seed)
+        trained.append(info)
+        if not args.report_only or measured(info):
+            results.append({**info, **evaluate_cell(ctx, info)})
     if results and max(r["accuracy"] for r in results) > design.extend_above and design.test_n_extended > ctx.subset_n:
         ctx.subset_n = design.test_n_extended  # pre-registered: every arm on the larger subset before any comparison
         log(f"an arm is above {design.extend_above:.0%}: every cell measured on {ctx.subset_n} problems")

@@ -46,6 +46,26 @@ def test_splits_are_fixed_disjoint_and_nested():
     assert all(rows[int(r["id"])]["question"] == r["question"] for r in large)
 
 
+def test_slices_cover_each_registered_size_once_and_reuse_smaller_ones(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(1319)]
+    ctx = real_lm.Context(real_lm.Design(), "", tmp_path, None, [], [], rows, [])
+    assert real_lm.slices(ctx, 400) == [(0, 400)]
+    assert real_lm.slices(ctx, 600) == [(0, 400), (400, 600)]  # 600 adds only its 200 new problems
+    assert real_lm.slices(ctx, 1319) == [(0, 400), (400, 600), (600, 1319)]
+    parts = [[r["id"] for r in real_lm.read_jsonl(real_lm.subset_file(ctx, a, b))] for a, b in real_lm.slices(ctx, 1319)]
+    assert sum(parts, []) == [r["id"] for r in real_lm.test_subset(rows, 1319)]
+
+
+def test_probe_answers_are_cut_before_the_first_stop_string(tokenizer):
+    text = "Step one: 3 + 4 = 7.\nThe answer is: 7\n\n### Instruction:\nWrite more"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    cut = real_lm.cut_at_stop(tokenizer, ids, ("Instruction:", "Instruction", "Response:", "Response"))
+    kept = tokenizer.decode(cut)
+    assert "Instruction" not in kept and kept.startswith("Step one")
+    assert text.startswith(kept) and len(kept) >= len("Step one: 3 + 4 = 7.\nThe answer is: 7\n\n### Instr") - 12
+    assert real_lm.cut_at_stop(tokenizer, ids, ("never there",)) == ids
+
+
 def test_bootstrap_by_problem_matches_the_direct_mean():
     rng = random.Random(0)
     a = {s: {str(i): rng.random() < 0.3 for i in range(50)} for s in range(3)}
