@@ -206,6 +206,55 @@ def save_cached(cache_dir, run: dict) -> None:
     os.replace(tmp, path)  # atomic: an interrupted write never leaves half a run in the cache
 
 
+def _claim_path(cache_dir, name: str, seed: int) -> Path:
+    path = cache_path(cache_dir, name, seed)
+    return path.with_name(path.stem + ".claim")
+
+
+def claim(cache_dir, name: str, seed: int) -> bool:
+    """Take a run for this process, so that the same command started again (another core) works on other runs.
+    The claim is a file created exclusively, holding the owner's pid; a claim whose owner is gone is taken over."""
+    path = _claim_path(cache_dir, name, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(path.read_text() or 0)
+            except (OSError, ValueError):
+                owner = 0
+            if owner == os.getpid():
+                return True
+            if owner and _alive(owner):
+                return False
+            path.unlink(missing_ok=True)  # stale: its worker died
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def release(cache_dir, name: str, seed: int) -> None:
+    path = _claim_path(cache_dir, name, seed)
+    try:
+        if int(path.read_text() or 0) == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # the pre-registered scale choice and test
 # ------------------------------------------------------------------------------------------------------------------
@@ -634,7 +683,9 @@ def write_report(args, files: dict, common: dict, info: dict) -> dict:
     from balora_trl.nlu import write_json
 
     write_json(out.with_suffix(".json"), summary)
-    out.with_suffix(".md").write_text(markdown(summary))
+    md = out.with_suffix(f".md.tmp-{os.getpid()}")  # several workers may render at once: replace atomically
+    md.write_text(markdown(summary))
+    os.replace(md, out.with_suffix(".md"))
     return summary
 
 
@@ -658,18 +709,30 @@ def main(argv=None):
         [method_table(args.methods, args.lambda_scale)]
     while phases:
         table = phases.pop(0)
-        for seed in args.seeds:  # seed-major: an interrupted sweep still has every method at the finished seeds
-            for name, entry in table.items():
-                settings = run_settings(common, entry)
-                if load_cached(args.cache_dir, name, seed, settings) is not None:
-                    continue
+        # seed-major: an interrupted sweep still has every method at the finished seeds
+        todo = [(seed, name, entry) for seed in args.seeds for name, entry in table.items()]
+        while todo:
+            pending = [t for t in todo if load_cached(args.cache_dir, t[1], t[0], run_settings(common, t[2])) is None]
+            mine = next((t for t in pending if claim(args.cache_dir, t[1], t[0])), None)
+            todo = pending
+            if mine is None:
+                if pending:  # the rest is running in another worker: wait for it (a dead worker's claim is freed)
+                    time.sleep(15)
+                continue
+            seed, name, entry = mine
+            if load_cached(args.cache_dir, name, seed, run_settings(common, entry)) is not None:
+                release(args.cache_dir, name, seed)  # another worker finished it between the two looks
+                continue
+            try:
                 data = data or Data(args, files)
-                run = train_one(args, data, name, entry, seed, settings)
+                run = train_one(args, data, name, entry, seed, run_settings(common, entry))
                 save_cached(args.cache_dir, run)
-                write_report(args, files, common, info)
-                accs = run.get("failed") or "  ".join(f"{k} {100 * run['sets'][k]['accuracy']:.2f}" for k in EVAL_SETS)
-                print(f"[{(time.time() - start) / 60:6.1f} min] seed {seed} {name:24s} {accs} "
-                      f"({run['seconds']:.0f} s wall, {run['cpu_seconds']:.0f} s CPU)", flush=True)
+            finally:
+                release(args.cache_dir, name, seed)
+            write_report(args, files, common, info)
+            accs = run.get("failed") or "  ".join(f"{k} {100 * run['sets'][k]['accuracy']:.2f}" for k in EVAL_SETS)
+            print(f"[{(time.time() - start) / 60:6.1f} min] seed {seed} {name:24s} {accs} "
+                  f"({run['seconds']:.0f} s wall, {run['cpu_seconds']:.0f} s CPU)", flush=True)
         if args.preregistered and "LoRA" not in table:  # phase 1 done: choose s* on the slice, then the ablations
             chosen = choose_scale(collect_runs(args.cache_dir, table, PREREG_SEEDS, common))["chosen"]
             if chosen is None:

@@ -6,6 +6,9 @@ import copy
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -676,3 +679,37 @@ def test_collecting_features_before_training_leaves_the_run_unchanged(tokenizer,
     plain, measured = run(False), run(True)
     assert plain[0] == measured[0]
     assert all(torch.equal(plain[1][k], measured[1][k]) for k in plain[1])
+
+
+def test_benchmark_workers_share_the_sweep_through_claims(tmp_path, monkeypatch):
+    """The same command started twice splits the runs: a run another live worker has claimed is left to it (this
+    worker waits for it), a dead worker's claim is taken over, and a worker releases only its own claims."""
+    bench = load_script(REPO / "benchmarks" / "nlu_sst2.py")
+    cache = tmp_path / "r_runs"
+    other = bench._claim_path(cache, "PiSSA", 0)
+    other.parent.mkdir(parents=True)
+    other.write_text(str(os.getppid()))  # a live process that is not this one
+    assert not bench.claim(cache, "PiSSA", 0)
+    bench.release(cache, "PiSSA", 0)
+    assert other.exists()  # not ours to release
+
+    class Waiting(Exception):
+        pass
+
+    def wait(seconds):
+        raise Waiting
+
+    monkeypatch.setattr(bench.time, "sleep", wait)
+    with pytest.raises(Waiting):
+        bench.main(["--methods", "pissa", "lora", "--seeds", "0", "--train_samples", "32", "--eval_samples", "16",
+                    "--max_steps", "1", "--features", "hidden", "--out", str(tmp_path / "r")])
+    assert (cache / "LoRA__seed0.json").exists() and not (cache / "PiSSA__seed0.json").exists()
+    assert not bench._claim_path(cache, "LoRA", 0).exists()  # released after its run
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    other.write_text(str(dead.pid))
+    assert bench.claim(cache, "PiSSA", 0) and other.read_text() == str(os.getpid())
+    assert bench.claim(cache, "PiSSA", 0)  # already ours
+    bench.release(cache, "PiSSA", 0)
+    assert not other.exists()
