@@ -469,6 +469,10 @@ def merged_model(ctx: Context, info: dict) -> str:
     folder = Path(info["folder"])
     merged = folder / "merged"
     if not (merged / "config.json").exists():
+        if not (folder / "adapter").is_dir():  # measurements restored from the results folder, weights not: retrain
+            log(f"{folder.name}: no adapter in this cache, training it again (same seed, same weights)")
+            (folder / "train.json").unlink()
+            cell(ctx, info["arm"], info["lr"], info["seed"])
         merge(folder / "adapter", ctx.model_dir, merged)
     return str(merged)
 
@@ -678,6 +682,11 @@ def main(argv: list[str] | None = None) -> int:
     mt = [json.loads(line)["turns"][0] for line in open(packaged("mt_bench_question.jsonl")) if line.strip()]
     ctx = Context(design, model_dir, root, tokenizer, val, pool, test_rows, mt[:design.mt_questions],
                   subset_n=design.test_n)
+    out = Path(args.out or (root / "quick_results" if args.quick else DEFAULT_OUT))
+    records = out / "cells" / root.name
+    restored = sync_records(records, root)
+    if restored:
+        log(f"restored {restored} finished measurements from {records}")
     ctx.probes = untuned_probes(ctx)
 
     lr, lr_runs = choose_lr(ctx)
@@ -701,6 +710,7 @@ def main(argv: list[str] | None = None) -> int:
         trained.append(info)
         if not args.report_only or measured(info):
             results.append({**info, **evaluate_cell(ctx, info)})
+            sync_records(root, records)
     if results and max(r["accuracy"] for r in results) > design.extend_above and design.test_n_extended > ctx.subset_n:
         ctx.subset_n = design.test_n_extended  # pre-registered: every arm on the larger subset before any comparison
         log(f"an arm is above {design.extend_above:.0%}: every cell measured on {ctx.subset_n} problems")
@@ -713,11 +723,32 @@ def main(argv: list[str] | None = None) -> int:
         summary["full_test"] = {
             "n": n, "untuned": measure_untuned(ctx, n)["accuracy"],
             args.full_test: gsm8k_accuracy(ctx, merged_model(ctx, arm_cell), Path(arm_cell["folder"]), n)["accuracy"]}
-    out = Path(args.out or (root / "quick_results" if args.quick else DEFAULT_OUT))
+    sync_records(root, records)
     write_report(summary, out)
     log(f"results in {out}")
     print((out / "results.md").read_text())
     return 0
+
+
+def sync_records(src: Path, dst: Path) -> int:
+    """Copy the experiment's measurements (the JSON files of the cache root and of each cell: probes, training
+    metrics, GSM8K scores, drift) from ``src`` to ``dst`` where ``dst`` lacks them; returns how many were copied.
+    The results folder keeps them beside the report, so a clone on another machine resumes with every finished cell
+    (only adapters and merged models, which are large, stay in the cache)."""
+    copied = 0
+    if not src.is_dir():
+        return 0
+    measurements = [src / "untuned_probes.json"] + [p for pattern in ("*/train.json", "*/drift.json", "*/gsm8k_*.json")
+                                                    for p in sorted(src.glob(pattern))]
+    for path in measurements:
+        if not path.is_file() or ".tmp-" in path.name:
+            continue
+        target = dst / path.relative_to(src)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            _atomic_text(target, path.read_text())
+            copied += 1
+    return copied
 
 
 def design_key(design: Design, model_dir: str, train_file: str) -> str:

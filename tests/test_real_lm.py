@@ -170,3 +170,13 @@ def test_quick_run_end_to_end_on_smollm2(tmp_path):
     assert anchored["terms"]["l1_kl"] >= 0
     # cached: a second run trains and generates nothing again
     assert real_lm.main(["--quick", "--cache_dir", str(tmp_path / "cache"), "--out", str(out), "--report_only"]) == 0
+    # another machine: an empty cache, the results folder's measurements only; the report is rebuilt from them
+    cells = list((out / "cells").iterdir())
+    assert len(cells) == 1 and (cells[0] / "untuned_probes.json").exists()
+    assert {p.name for p in (cells[0] / "pissa_lr0.0003_s0").iterdir()} == {"train.json", "drift.json", "gsm8k_6.json",
+                                                                          "gsm8k_0-6.json"}
+    first = json.loads((out / "results.json").read_text())
+    (out / "results.json").unlink()
+    assert real_lm.main(["--quick", "--cache_dir", str(tmp_path / "elsewhere"), "--out", str(out),
+                         "--report_only"]) == 0
+    assert json.loads((out / "results.json").read_text()) == first
