@@ -28,6 +28,7 @@ import weakref
 import torch
 
 from . import losses
+from .head import own_logits_are_head_output
 
 IGNORE_INDEX = -100
 
@@ -723,7 +724,7 @@ def head_supports_fused(model) -> tuple[bool, str]:
     Otherwise (False, reason): no output embeddings, a wrapped/quantised/adapted head (PEFT LoRA on lm_head,
     modules_to_save, bitsandbytes), a trainable weight or bias, a config that scales or soft-caps the logits, or a
     forward that does anything between the backbone, the head and the logits (probed by running the model's own
-    code, :func:`balora_trl.trainer.own_logits_are_head_output`: this catches what no known config field names).
+    code, :func:`balora_trl.head.own_logits_are_head_output`: this catches what no known config field names).
     """
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
@@ -740,8 +741,6 @@ def head_supports_fused(model) -> tuple[bool, str]:
             value = getattr(text_config, name, None)
             if value not in neutral:
                 return False, f"the model transforms its logits (`{name}={value}`)"
-    from .trainer import own_logits_are_head_output
-
     return own_logits_are_head_output(model)
 
 

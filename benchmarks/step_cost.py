@@ -162,7 +162,6 @@ def run_worker(args) -> dict:
     from balora_trl.local_models import causal_lm_config, train_tokenizer
 
     cuda = torch.cuda.is_available() and not args.cpu
-    device = torch.device("cuda" if cuda else "cpu")
     if not cuda and args.threads:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if cuda else torch.float32

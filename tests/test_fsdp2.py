@@ -10,7 +10,7 @@ reduce-scatters equal the unsharded loss and the rank-averaged gradients:
 
 * the reference pass (the frozen initial adapter switched in, its parameters sharded with the layer's);
 * the fused head reading the LM-head weight directly: with the head in the root's unit it is unsharded for the
-  forward; with the head sharded on its own it is a DTensor, gathered by ``head_parameters`` (``full_tensor``);
+  forward; with the head sharded on its own it is a DTensor, gathered by ``balora_trl.head.head_parameters`` (``full_tensor``);
 * the plain head calling the LM head as a module (with the head sharded on its own: FSDP2's hooks gather it);
 * the SVD term on the response logits, the entropy, and the real gloo gathers of the metrics.
 """

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from balora_trl import gguf_models
-from balora_trl.gguf_models import GGUFModelError, SOURCE_FILE, convert, resolve_model
+from balora_trl.gguf_models import GGUFModelError, SOURCE_FILE, resolve_model
 
 gguf = pytest.importorskip("gguf", reason="the gguf package is not installed: pip install gguf")
 np = pytest.importorskip("numpy")

@@ -17,9 +17,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from balora_trl import BALoraSFTTrainer, losses
-from balora_trl import trainer as trainer_module
+from balora_trl import head as head_module
 from balora_trl.fused import head_supports_fused
-from balora_trl.trainer import head_logits, install_head_forward, own_logits_are_head_output
+from balora_trl.head import head_logits, install_head_forward, own_logits_are_head_output
 
 TRANSFORMING = {
     "gemma2": dict(head_dim=8, final_logit_softcapping=2.0),
@@ -226,7 +226,7 @@ def test_trained_head_under_emulated_zero3(setup, make_model, tokenizer, gsm8k_p
         batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
         if partitioned:
             partitions = [EmulatedZero3(m) for m in head.modules() if isinstance(m, torch.nn.Linear)]
-            monkeypatch.setattr(trainer_module, "maybe_gather_lm_head_ctx",
+            monkeypatch.setattr(head_module, "maybe_gather_lm_head_ctx",
                                 lambda *params: contextlib.ExitStack() if not params else partitions[0].gathered())
         loss = trainer.compute_loss(trainer.model, dict(batch))
         loss.backward()

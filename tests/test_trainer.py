@@ -15,7 +15,7 @@ from torch.distributions import Categorical, kl_divergence
 from trl import SFTConfig, SFTTrainer
 
 from balora_trl import BALoraSFTTrainer
-from balora_trl.trainer import head_logits
+from balora_trl.head import head_logits
 
 FAMILIES = ["llama", "gpt2"]
 
