@@ -97,7 +97,7 @@ class BALoraConfig(SFTConfig):
 
     KL and entropy are means over the response positions (the positions TRL's cross-entropy trains), σ the
     singular values of the batch's matrix of those positions' logits. Loss is on the response only by default:
-    TRL trains only the completion of prompt/completion data, the form every format in `balora_trl.data`
+    TRL trains only the completion of prompt/completion data, the form every format in `balora_trl.dataset_formats`
     becomes. A λ of 0 switches its term off at no cost (no reference forward for λ1 = 0, no SVD for λ3 = 0).
 
     Parameters:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .data import (ASSISTANT_TURNS, FORMATS, SAMPLE_PATH, load_dataset_any, supported_formats, to_prompt_completion,
+from .dataset_formats import (ASSISTANT_TURNS, FORMATS, SAMPLE_PATH, load_dataset_any, supported_formats, to_prompt_completion,
                    tokenize_like_release)
 from .gguf_models import resolve_model
 from .preflight import (USER_ERRORS, PreflightError, check, cuda_available, is_available, parse_init_lora_weights,

@@ -80,7 +80,7 @@ def _warn_if_user_turns_train(dataset, args: BALoraConfig) -> None:
     """Warn (once per process: a fixed message) when TRL would put the loss, hence BA-LoRA's terms, on user turns."""
     from datasets import Dataset, IterableDataset
 
-    from .data import loss_covers_user_turns
+    from .dataset_formats import loss_covers_user_turns
 
     if isinstance(dataset, Dataset):
         example = dataset[0] if len(dataset) else None

@@ -35,7 +35,7 @@ from eval.prompting import PromptFormatter  # noqa: E402
 
 def gsm8k_questions(n: int) -> list[str]:
     """The first ``n`` questions of the GSM8K test split shipped with the harness (eval/data/gsm8k_test.jsonl)."""
-    from eval.data import packaged, read_rows
+    from eval.benchmark_rows import packaged, read_rows
 
     return [r["question"] for r in read_rows(packaged("gsm8k_test.jsonl"))][:n]
 

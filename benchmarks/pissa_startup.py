@@ -51,7 +51,7 @@ def build(folder: str, hidden: int, layers: int, vocab: int) -> int:
     """The original model (float32, random weights) and a tokenizer, saved to ``folder``; returns its size."""
     import torch
 
-    from balora_trl.data import SAMPLE_PATH, load_dataset_any
+    from balora_trl.dataset_formats import SAMPLE_PATH, load_dataset_any
     from balora_trl.local_models import causal_lm_config, train_tokenizer
     from balora_trl.prompts import DEFAULT
     from transformers import AutoModelForCausalLM

@@ -676,7 +676,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"cache {root}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     val, pool = train_split(read_jsonl(train_file), design)
-    from eval.data import packaged
+    from eval.benchmark_rows import packaged
 
     test_rows = read_jsonl(packaged("gsm8k_test.jsonl"))
     mt = [json.loads(line)["turns"][0] for line in open(packaged("mt_bench_question.jsonl")) if line.strip()]

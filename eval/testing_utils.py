@@ -16,7 +16,7 @@ import time
 
 from balora_trl.prompts import DEFAULT, PromptTemplate
 
-from .data import packaged, read_rows
+from .benchmark_rows import packaged, read_rows
 
 
 def tiny_model_dir(directory: str, template: PromptTemplate | None = DEFAULT, family: str = "llama",

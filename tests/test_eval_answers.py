@@ -10,7 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
-from eval.data import packaged
+from eval.benchmark_rows import packaged
 from eval.tasks.gsm8k import GSM8K, authors_extract, authors_is_correct, extract_answer, gold_answer, is_correct, \
     math_equal_numbers, to_number
 from eval.tasks.math import MATH, authors_extract as math_authors_extract, authors_is_equivalent, \

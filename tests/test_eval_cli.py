@@ -13,7 +13,7 @@ import pytest
 
 from balora_trl.prompts import DEFAULT
 from eval import cli
-from eval.data import packaged
+from eval.benchmark_rows import packaged
 from eval.testing_utils import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pytest
 
 from balora_trl.prompts import DEFAULT
 from eval import cli
-from eval.data import packaged, read_rows
+from eval.benchmark_rows import packaged, read_rows
 from eval.tasks.mt_bench import CATEGORIES, NEED_REFERENCE, TEMPERATURE, parse_score, questions
 from eval.testing_utils import serve, tiny_model_dir
 

@@ -142,7 +142,7 @@ def test_user_mistakes_end_in_one_line(tmp_path, capsys, monkeypatch, name):
 
 
 def test_debug_keeps_the_traceback(tmp_path, monkeypatch):
-    from balora_trl.data import DatasetLoadError
+    from balora_trl.dataset_formats import DatasetLoadError
     from balora_trl.sft import cli
 
     monkeypatch.setenv("BALORA_DEBUG", "1")

@@ -59,7 +59,7 @@ def rows(tokenizer):
     """8 real GSM8K train problems in MetaMathQA form (the package's sample), Alpaca prompt, each ≤ MAX_LENGTH."""
     from datasets import Dataset
 
-    from balora_trl.data import SAMPLE_PATH
+    from balora_trl.dataset_formats import SAMPLE_PATH
     from balora_trl.prompts import DEFAULT
 
     picked = []

@@ -9,7 +9,7 @@ from datasets import Dataset
 from trl import ModelConfig, TrlParser
 
 from balora_trl import BALoraConfig
-from balora_trl.data import FORMATS, to_prompt_completion
+from balora_trl.dataset_formats import FORMATS, to_prompt_completion
 from balora_trl.sft import BALoraScriptArguments, parse_args
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

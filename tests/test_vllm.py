@@ -39,7 +39,7 @@ from balora_trl import BALoraSFTTrainer  # noqa: E402
 from balora_trl.export import merge  # noqa: E402
 from eval import cli  # noqa: E402
 from eval.backends import TransformersBackend, VLLMBackend, resolve_backend  # noqa: E402
-from eval.data import packaged, read_rows  # noqa: E402
+from eval.benchmark_rows import packaged, read_rows  # noqa: E402
 from eval.prompting import PromptFormatter  # noqa: E402
 from eval.testing_utils import serve, tiny_model_dir  # noqa: E402
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..backends import Backend, GenerationParams
-from ..data import hub_rows
+from ..benchmark_rows import hub_rows
 from ..prompting import Prompt, PromptFormatter, display
 from ..report import markdown_table
 

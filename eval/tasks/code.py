@@ -31,7 +31,7 @@ import secrets
 
 from importlib import resources
 
-from ..data import limit_rows, read_rows
+from ..benchmark_rows import limit_rows, read_rows
 from ..report import markdown_table
 from ..sandbox import Limits, Sandbox
 from .base import Task

@@ -27,7 +27,7 @@ import math
 import re
 from fractions import Fraction
 
-from ..data import limit_rows, packaged, read_rows
+from ..benchmark_rows import limit_rows, packaged, read_rows
 from .base import Task
 
 PACKAGED = "gsm8k_test.jsonl"

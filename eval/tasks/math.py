@@ -30,7 +30,7 @@ import threading
 
 from math_verify import parse, verify
 
-from ..data import limit_rows, read_rows
+from ..benchmark_rows import limit_rows, read_rows
 from .base import Task
 
 HUB = "EleutherAI/hendrycks_math"

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from tqdm.auto import tqdm
 
-from ..data import limit_rows, packaged, read_rows
+from ..benchmark_rows import limit_rows, packaged, read_rows
 from ..report import markdown_table
 from .base import Task
 

@@ -1,4 +1,4 @@
-"""balora_trl.data: every format -> TRL prompt/completion, on real GSM8K rows or small hand-written ones."""
+"""balora_trl.dataset_formats: every format -> TRL prompt/completion, on real GSM8K rows or small hand-written ones."""
 
 import json
 
@@ -7,7 +7,7 @@ from conftest import gsm8k_rows
 from datasets import Dataset
 from trl.data_utils import is_conversational
 
-from balora_trl.data import (
+from balora_trl.dataset_formats import (
     FORMATS,
     RAW,
     SAMPLE_PATH,
@@ -408,7 +408,7 @@ def test_sharegpt_file_with_both_role_spellings(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 def _release_rows(tokenizer, rows, max_length, format="auto"):
-    from balora_trl.data import tokenize_like_release
+    from balora_trl.dataset_formats import tokenize_like_release
 
     converted, _ = to_prompt_completion(Dataset.from_list(rows), format, space_before_completion=False)
     return converted, tokenize_like_release(converted, tokenizer, max_length)
@@ -462,7 +462,7 @@ def test_release_starts_the_labels_after_the_prompts_own_tokens(tokenizer):
 
 
 def test_release_tokenization_needs_text_prompts(tokenizer):
-    from balora_trl.data import tokenize_like_release
+    from balora_trl.dataset_formats import tokenize_like_release
 
     converted, _ = to_prompt_completion(Dataset.from_list(SHAREGPT))
     with pytest.raises(DatasetFormatError, match="tokenization 'release' needs text prompt/completion rows"):

@@ -481,7 +481,7 @@ def _json_problem(path: str) -> str | None:
 
 def json_lines(path: str, lines):
     """The rows (dicts) of JSON Lines text ``lines``, skipping blank lines; the first bad line is a ``ValueError``
-    naming ``path`` and its line number (shared with the evaluation harness's reader, eval/data.py)."""
+    naming ``path`` and its line number (shared with the evaluation harness's reader, eval/benchmark_rows.py)."""
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue

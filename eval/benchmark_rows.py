@@ -23,7 +23,7 @@ def read_rows(path: str) -> list[dict]:
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8") as f:
             if name.endswith((".jsonl", ".jsonl.gz")):
-                from balora_trl.data import json_lines
+                from balora_trl.dataset_formats import json_lines
 
                 rows = list(json_lines(path, f))
             elif name.endswith((".json", ".json.gz")):
