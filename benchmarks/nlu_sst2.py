@@ -345,6 +345,8 @@ def summarize(runs: dict, table: dict, info: dict, preregistered: bool, all_runs
             if name != "PiSSA":
                 s["accuracy_vs_pissa"] = paired(by_seed, base, lambda r: _get(r, set_name, "accuracy"), 100)
                 s["drift_vs_pissa"] = paired(by_seed, base, lambda r: _get(r, set_name, "drift"))
+            if name != "LoRA" and runs.get("LoRA"):  # LoRA, the context arm: does a PiSSA variant do better than it?
+                s["accuracy_vs_lora"] = paired(by_seed, runs["LoRA"], lambda r: _get(r, set_name, "accuracy"), 100)
             for b in LENGTH_BINS:
                 accs = [_get(by_seed[k], set_name, "accuracy", b) for k in seeds]
                 if any(a is None for a in accs):
@@ -425,6 +427,13 @@ def markdown(summary: dict) -> str:
             cells += [f"{s['accuracy']['mean']:.2f} ± {s['accuracy']['std']:.2f}", _ci(s.get("accuracy_vs_pissa"))]
         l1, l2, l3 = m["lambdas"]
         lines.append(f"| {name} | {l1:g} | {l2:g} | {l3:g} | {len(m['seeds'])} | " + " | ".join(cells) + " |")
+    if "LoRA" in methods:
+        lines += ["", "## Against LoRA (the context arm; descriptive): accuracy Δ vs LoRA [95 % CI], paired by seed", "",
+                  "| method | " + " | ".join(EVAL_SETS[k] for k in EVAL_SETS) + " |", "|---|" + "---|" * len(EVAL_SETS)]
+        for name, m in methods.items():
+            if name != "LoRA":
+                lines.append(f"| {name} | " + " | ".join(_ci(m["sets"][k].get("accuracy_vs_lora")) for k in EVAL_SETS)
+                             + " |")
     lines += ["", "## Feature drift from the pretrained model (eq. 5 on held-out rows: mean ‖F_0/‖F_0‖ − F_T/‖F_T‖‖²)", "",
               "| method | " + " | ".join(f"{EVAL_SETS[k]}: drift | Δ vs PiSSA [95 % CI]" for k in EVAL_SETS) + " |",
               "|---|" + "---|---|" * len(EVAL_SETS)]

@@ -713,3 +713,21 @@ def test_benchmark_workers_share_the_sweep_through_claims(tmp_path, monkeypatch)
     assert bench.claim(cache, "PiSSA", 0)  # already ours
     bench.release(cache, "PiSSA", 0)
     assert not other.exists()
+
+
+def test_benchmark_reports_each_arm_against_lora_as_a_paired_t_interval():
+    from scipy import stats
+
+    bench = load_script(REPO / "benchmarks" / "nlu_sst2.py")
+    g = np.random.default_rng(2)
+    seeds = range(6)
+    lora = {s: 0.80 + 0.01 * g.normal() for s in seeds}
+    runs = {"PiSSA": {s: _fake_run(bench, "PiSSA", s, lora[s] - 0.01, lora[s] - 0.02 + 0.003 * g.normal()) for s in seeds},
+            "LoRA": {s: _fake_run(bench, "LoRA", s, lora[s], lora[s]) for s in seeds}}
+    table = {"PiSSA": ("pissa", 0, 0, 0), "LoRA": ("lora", 0, 0, 0)}
+    summary = bench.summarize(runs, table, {}, preregistered=False)
+    diffs = [100 * (runs["PiSSA"][s]["sets"]["glue_dev"]["accuracy"] - lora[s]) for s in seeds]
+    lo, hi = stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=stats.sem(diffs))
+    got = summary["methods"]["PiSSA"]["sets"]["glue_dev"]["accuracy_vs_lora"]
+    assert (got["mean"], got["lo"], got["hi"]) == (pytest.approx(np.mean(diffs)), pytest.approx(lo), pytest.approx(hi))
+    assert "accuracy_vs_lora" not in summary["methods"]["LoRA"]["sets"]["glue_dev"]
