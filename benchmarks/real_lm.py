@@ -352,6 +352,11 @@ class Context:
     mt_questions: list[str]
     subset_n: int = 0
     probes: dict = field(default_factory=dict)
+    records: Path | None = None  # the results folder's copy of every finished measurement (sync_records)
+
+    def keep(self) -> None:
+        if self.records is not None:
+            sync_records(self.root, self.records)
 
 
 def slices(ctx: Context, n: int) -> list[tuple[int, int]]:
@@ -461,6 +466,7 @@ def cell(ctx: Context, arm_name: str, lr: float, seed: int, with_val: bool = Fal
         metrics = train(ctx.model_dir, arm, lr, seed, rows, ctx.val if with_val else None, d, folder)
         metrics["terms"] = term_magnitudes(metrics["log_history"], arm.lambdas)
         _atomic_json(train_json, metrics)
+        ctx.keep()
     metrics = json.loads(train_json.read_text())
     return {"arm": arm_name, "lr": lr, "seed": seed, "folder": str(folder), **metrics}
 
@@ -687,7 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     restored = sync_records(records, root)
     if restored:
         log(f"restored {restored} finished measurements from {records}")
+    ctx.records = records
     ctx.probes = untuned_probes(ctx)
+    ctx.keep()
 
     lr, lr_runs = choose_lr(ctx)
     log(f"learning rate {lr:g}: " + ", ".join(f"{r['lr']:g} → {r['val_loss']:.4f}" for r in lr_runs))
@@ -710,7 +718,7 @@ def main(argv: list[str] | None = None) -> int:
         trained.append(info)
         if not args.report_only or measured(info):
             results.append({**info, **evaluate_cell(ctx, info)})
-            sync_records(root, records)
+            ctx.keep()
     if results and max(r["accuracy"] for r in results) > design.extend_above and design.test_n_extended > ctx.subset_n:
         ctx.subset_n = design.test_n_extended  # pre-registered: every arm on the larger subset before any comparison
         log(f"an arm is above {design.extend_above:.0%}: every cell measured on {ctx.subset_n} problems")
@@ -723,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["full_test"] = {
             "n": n, "untuned": measure_untuned(ctx, n)["accuracy"],
             args.full_test: gsm8k_accuracy(ctx, merged_model(ctx, arm_cell), Path(arm_cell["folder"]), n)["accuracy"]}
-    sync_records(root, records)
+    ctx.keep()
     write_report(summary, out)
     log(f"results in {out}")
     print((out / "results.md").read_text())
@@ -732,7 +740,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def sync_records(src: Path, dst: Path) -> int:
     """Copy the experiment's measurements (the JSON files of the cache root and of each cell: probes, training
-    metrics, GSM8K scores, drift) from ``src`` to ``dst`` where ``dst`` lacks them; returns how many were copied.
+    metrics, GSM8K scores, drift) from ``src`` to ``dst`` where ``dst`` lacks them or holds another version; returns
+    how many were copied.
     The results folder keeps them beside the report, so a clone on another machine resumes with every finished cell
     (only adapters and merged models, which are large, stay in the cache)."""
     copied = 0
@@ -744,9 +753,10 @@ def sync_records(src: Path, dst: Path) -> int:
         if not path.is_file() or ".tmp-" in path.name:
             continue
         target = dst / path.relative_to(src)
-        if not target.exists():
+        text = path.read_text()
+        if not target.exists() or target.read_text() != text:
             target.parent.mkdir(parents=True, exist_ok=True)
-            _atomic_text(target, path.read_text())
+            _atomic_text(target, text)
             copied += 1
     return copied
 
