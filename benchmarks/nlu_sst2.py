@@ -63,6 +63,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from lab import claims  # noqa: E402  (after the path: lab/ is not installed)
+
 # name -> (method for init, λ1, λ2, λ3)
 METHOD_TABLE = {
     "LoRA": ("lora", 0.0, 0.0, 0.0),
@@ -207,52 +209,9 @@ def save_cached(cache_dir, run: dict) -> None:
 
 
 def _claim_path(cache_dir, name: str, seed: int) -> Path:
+    """The run's claim file (lab.claims): the same command started again on another core works on other runs."""
     path = cache_path(cache_dir, name, seed)
     return path.with_name(path.stem + ".claim")
-
-
-def claim(cache_dir, name: str, seed: int) -> bool:
-    """Take a run for this process, so that the same command started again (another core) works on other runs.
-    The claim is a file created exclusively, holding the owner's pid; a claim whose owner is gone is taken over."""
-    path = _claim_path(cache_dir, name, seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = int(path.read_text() or 0)
-            except (OSError, ValueError):
-                owner = 0
-            if owner == os.getpid():
-                return True
-            if owner and _alive(owner):
-                return False
-            path.unlink(missing_ok=True)  # stale: its worker died
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
-
-
-def release(cache_dir, name: str, seed: int) -> None:
-    path = _claim_path(cache_dir, name, seed)
-    try:
-        if int(path.read_text() or 0) == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -722,7 +681,7 @@ def main(argv=None):
         todo = [(seed, name, entry) for seed in args.seeds for name, entry in table.items()]
         while todo:
             pending = [t for t in todo if load_cached(args.cache_dir, t[1], t[0], run_settings(common, t[2])) is None]
-            mine = next((t for t in pending if claim(args.cache_dir, t[1], t[0])), None)
+            mine = next((t for t in pending if claims.claim(_claim_path(args.cache_dir, t[1], t[0]))), None)
             todo = pending
             if mine is None:
                 if pending:  # the rest is running in another worker: wait for it (a dead worker's claim is freed)
@@ -730,14 +689,15 @@ def main(argv=None):
                 continue
             seed, name, entry = mine
             if load_cached(args.cache_dir, name, seed, run_settings(common, entry)) is not None:
-                release(args.cache_dir, name, seed)  # another worker finished it between the two looks
+                # another worker finished it between the two looks
+                claims.release(_claim_path(args.cache_dir, name, seed))
                 continue
             try:
                 data = data or Data(args, files)
                 run = train_one(args, data, name, entry, seed, run_settings(common, entry))
                 save_cached(args.cache_dir, run)
             finally:
-                release(args.cache_dir, name, seed)
+                claims.release(_claim_path(args.cache_dir, name, seed))
             write_report(args, files, common, info)
             accs = run.get("failed") or "  ".join(f"{k} {100 * run['sets'][k]['accuracy']:.2f}" for k in EVAL_SETS)
             print(f"[{(time.time() - start) / 60:6.1f} min] seed {seed} {name:24s} {accs} "

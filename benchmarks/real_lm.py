@@ -453,14 +453,35 @@ def term_magnitudes(history: list[dict], lambdas: tuple[float, float, float]) ->
             "l3_neg_svd": -lambdas[2] * mean("ba_lora/svd_ratio")}
 
 
+def cell_folder(ctx: Context, arm_name: str, lr: float, seed: int) -> Path:
+    return ctx.root / f"{arm_name}_lr{lr:g}_s{seed}"
+
+
+def trained(ctx: Context, arm_name: str, lr: float, seed: int, with_val: bool = False) -> bool:
+    path = cell_folder(ctx, arm_name, lr, seed) / "train.json"
+    return path.exists() and (not with_val or "val_loss" in json.loads(path.read_text()))
+
+
+def measured(ctx: Context, folder: Path) -> bool:
+    return (folder / f"gsm8k_{ctx.subset_n}.json").exists() and (folder / "drift.json").exists()
+
+
+def shared(ctx: Context, tasks: list[tuple[str, object, object]]) -> None:
+    """Run ``(name, done(), do())`` tasks through claim files in the cache root (lab.claims): the same command
+    started again (``--threads 1`` twice on 2 cores) takes the tasks this one has not claimed."""
+    from lab import claims
+
+    claims.share([(ctx.root / f"{name}.claim", done, do) for name, done, do in tasks])
+
+
 def cell(ctx: Context, arm_name: str, lr: float, seed: int, with_val: bool = False) -> dict:
     """One (arm, learning rate, seed): train (cached), then measure on the current subset (cached)."""
     arm = ARMS[arm_name]
     d = ctx.design
-    folder = ctx.root / f"{arm_name}_lr{lr:g}_s{seed}"
+    folder = cell_folder(ctx, arm_name, lr, seed)
     folder.mkdir(parents=True, exist_ok=True)
     train_json = folder / "train.json"
-    if not train_json.exists() or (with_val and "val_loss" not in json.loads(train_json.read_text())):
+    if not trained(ctx, arm_name, lr, seed, with_val):
         rows = training_rows(ctx.pool, seed, d, ctx.tokenizer, alpaca())
         log(f"train {arm_name} lr={lr:g} seed={seed} ({len(rows)} rows, {d.steps} steps)")
         metrics = train(ctx.model_dir, arm, lr, seed, rows, ctx.val if with_val else None, d, folder)
@@ -486,7 +507,7 @@ def merged_model(ctx: Context, info: dict) -> str:
 def evaluate_cell(ctx: Context, info: dict) -> dict:
     """Accuracy on the current subset and drift of one trained cell (merged once; cached)."""
     folder = Path(info["folder"])
-    if not ((folder / f"gsm8k_{ctx.subset_n}.json").exists() and (folder / "drift.json").exists()):
+    if not measured(ctx, folder):
         log(f"measure {folder.name} on {ctx.subset_n} problems")
         merged = merged_model(ctx, info)
         return {**gsm8k_accuracy(ctx, merged, folder, ctx.subset_n), **drift(ctx, merged, folder)}
@@ -494,15 +515,32 @@ def evaluate_cell(ctx: Context, info: dict) -> dict:
             **json.loads((folder / "drift.json").read_text())}
 
 
+def measure_all(ctx: Context, cells: list[tuple[str, int, Path]], lr: float) -> None:
+    """The untuned model and every ``(arm, seed, folder)`` cell (trained, then measured, before the next starts, so
+    that an interrupted run leaves complete cells) on the current subset; a second worker takes the tasks this one
+    has not claimed."""
+    n = ctx.subset_n
+    shared(ctx, [(f"untuned_gsm8k_{n}", (ctx.root / "untuned" / f"gsm8k_{n}.json").exists,
+                  lambda: measure_untuned(ctx, n))] +
+           [(folder.name, lambda folder=folder: measured(ctx, folder),
+             lambda arm=arm, seed=seed: (evaluate_cell(ctx, cell(ctx, arm, lr, seed)), ctx.keep()))
+            for arm, seed, folder in cells])
+
+
 def choose_lr(ctx: Context) -> tuple[float, list[dict]]:
     """PiSSA at seed 0 over the grid; lowest validation loss; one more point past an end of the grid (once)."""
+    def runs_at(rates: list[float]) -> list[dict]:
+        shared(ctx, [(f"pissa_lr{lr:g}_s0", lambda lr=lr: trained(ctx, "pissa", lr, 0, with_val=True),
+                      lambda lr=lr: cell(ctx, "pissa", lr, 0, with_val=True)) for lr in rates])
+        return [cell(ctx, "pissa", lr, 0, with_val=True) for lr in rates]  # cached now
+
     grid = list(ctx.design.lr_grid)
-    runs = [cell(ctx, "pissa", lr, 0, with_val=True) for lr in grid]
+    runs = runs_at(grid)
     best = min(runs, key=lambda r: r["val_loss"])
     if len(grid) > 1 and best["lr"] in (grid[0], grid[-1]):
         beyond = best["lr"] / math.sqrt(10) if best["lr"] == grid[0] else best["lr"] * math.sqrt(10)
         beyond = float(f"{beyond:.3g}")
-        runs.append(cell(ctx, "pissa", beyond, 0, with_val=True))
+        runs += runs_at([beyond])
         best = min(runs, key=lambda r: r["val_loss"])
     return best["lr"], [{"lr": r["lr"], "val_loss": r["val_loss"]} for r in runs]
 
@@ -694,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     if restored:
         log(f"restored {restored} finished measurements from {records}")
     ctx.records = records
+    if not args.report_only:
+        shared(ctx, [("untuned_probes", (root / "untuned_probes.json").exists, lambda: untuned_probes(ctx))])
     ctx.probes = untuned_probes(ctx)
     ctx.keep()
 
@@ -702,35 +742,33 @@ def main(argv: list[str] | None = None) -> int:
     order = [(arm, seed) for seed in design.seeds for arm in design.arms if arm in ("pissa", "ba_paper",
              "ba_anchored")] + [(arm, seed) for arm in design.arms if arm not in ("pissa", "ba_paper", "ba_anchored")
                                 for seed in design.seeds]
+    cells = [(arm, seed, cell_folder(ctx, arm, lr, seed)) for arm, seed in order]
 
-    def measured(info: dict) -> bool:
-        folder = Path(info["folder"])
-        return (folder / f"gsm8k_{ctx.subset_n}.json").exists() and (folder / "drift.json").exists()
+    def collect() -> tuple[dict, list[dict]]:
+        done = [(arm, seed) for arm, seed, folder in cells if not args.report_only or measured(ctx, folder)]
+        return measure_untuned(ctx, ctx.subset_n), [{**info, **evaluate_cell(ctx, info)} for info in
+                                                    (cell(ctx, arm, lr, seed) for arm, seed in done)]
 
-    # each cell is trained and measured before the next starts, so an interrupted run leaves complete cells
-    untuned = measure_untuned(ctx, ctx.subset_n)
-    trained, results = [], []
-    for arm, seed in order:
-        done = (ctx.root / f"{arm}_lr{lr:g}_s{seed}" / "train.json").exists()
-        if args.report_only and not done:
-            continue
-        info = cell(ctx, arm, lr, seed)
-        trained.append(info)
-        if not args.report_only or measured(info):
-            results.append({**info, **evaluate_cell(ctx, info)})
-            ctx.keep()
+    if not args.report_only:
+        measure_all(ctx, cells, lr)
+    untuned, results = collect()
     if results and max(r["accuracy"] for r in results) > design.extend_above and design.test_n_extended > ctx.subset_n:
         ctx.subset_n = design.test_n_extended  # pre-registered: every arm on the larger subset before any comparison
         log(f"an arm is above {design.extend_above:.0%}: every cell measured on {ctx.subset_n} problems")
-        untuned = measure_untuned(ctx, ctx.subset_n)
-        results = [{**t, **evaluate_cell(ctx, t)} for t in trained if not args.report_only or measured(t)]
+        if not args.report_only:
+            measure_all(ctx, cells, lr)
+        untuned, results = collect()
     summary = summarize(results, untuned, lr, lr_runs, design, ctx.subset_n)
     if args.full_test:  # the untuned model and the recommended arm (seed 0) on all 1,319 problems
         n = len(test_rows)
-        arm_cell = next(t for t in trained if t["arm"] == args.full_test and t["seed"] == design.seeds[0])
-        summary["full_test"] = {
-            "n": n, "untuned": measure_untuned(ctx, n)["accuracy"],
-            args.full_test: gsm8k_accuracy(ctx, merged_model(ctx, arm_cell), Path(arm_cell["folder"]), n)["accuracy"]}
+        arm_cell = cell(ctx, args.full_test, lr, design.seeds[0])
+        folder = Path(arm_cell["folder"])
+        shared(ctx, [(f"untuned_gsm8k_{n}", (root / "untuned" / f"gsm8k_{n}.json").exists,
+                      lambda: measure_untuned(ctx, n)),
+                     (f"{folder.name}_gsm8k_{n}", (folder / f"gsm8k_{n}.json").exists,
+                      lambda: gsm8k_accuracy(ctx, merged_model(ctx, arm_cell), folder, n))])
+        summary["full_test"] = {"n": n, "untuned": measure_untuned(ctx, n)["accuracy"],
+                                args.full_test: gsm8k_accuracy(ctx, "", folder, n)["accuracy"]}
     ctx.keep()
     write_report(summary, out)
     log(f"results in {out}")

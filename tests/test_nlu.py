@@ -7,8 +7,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -683,15 +681,12 @@ def test_collecting_features_before_training_leaves_the_run_unchanged(tokenizer,
 
 def test_benchmark_workers_share_the_sweep_through_claims(tmp_path, monkeypatch):
     """The same command started twice splits the runs: a run another live worker has claimed is left to it (this
-    worker waits for it), a dead worker's claim is taken over, and a worker releases only its own claims."""
+    worker waits for it) and the runs this worker did are released after them (the claim files: lab.claims)."""
     bench = load_script(REPO / "benchmarks" / "nlu_sst2.py")
     cache = tmp_path / "r_runs"
     other = bench._claim_path(cache, "PiSSA", 0)
     other.parent.mkdir(parents=True)
     other.write_text(str(os.getppid()))  # a live process that is not this one
-    assert not bench.claim(cache, "PiSSA", 0)
-    bench.release(cache, "PiSSA", 0)
-    assert other.exists()  # not ours to release
 
     class Waiting(Exception):
         pass
@@ -705,14 +700,7 @@ def test_benchmark_workers_share_the_sweep_through_claims(tmp_path, monkeypatch)
                     "--max_steps", "1", "--features", "hidden", "--out", str(tmp_path / "r")])
     assert (cache / "LoRA__seed0.json").exists() and not (cache / "PiSSA__seed0.json").exists()
     assert not bench._claim_path(cache, "LoRA", 0).exists()  # released after its run
-
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    other.write_text(str(dead.pid))
-    assert bench.claim(cache, "PiSSA", 0) and other.read_text() == str(os.getpid())
-    assert bench.claim(cache, "PiSSA", 0)  # already ours
-    bench.release(cache, "PiSSA", 0)
-    assert not other.exists()
+    assert other.read_text() == str(os.getppid())  # the other worker's claim untouched
 
 
 def test_benchmark_reports_each_arm_against_lora_as_a_paired_t_interval():

@@ -180,3 +180,41 @@ def test_quick_run_end_to_end_on_smollm2(tmp_path):
     assert real_lm.main(["--quick", "--cache_dir", str(tmp_path / "elsewhere"), "--out", str(out),
                          "--report_only"]) == 0
     assert json.loads((out / "results.json").read_text()) == first
+
+
+def test_a_second_worker_takes_the_cells_the_first_has_not_claimed(tmp_path, monkeypatch):
+    """`python benchmarks/real_lm.py --threads 1` started twice: each cell is claimed (lab.claims) before it is
+    trained and measured; a cell another live worker holds is left to it and waited for, not run twice."""
+    import os
+
+    from lab import claims
+
+    ctx = real_lm.Context(real_lm.Design(), "", tmp_path, None, [], [], [], [])
+    ctx.subset_n = 400
+    cells = [(arm, 0, real_lm.cell_folder(ctx, arm, 1e-4, 0)) for arm in ("pissa", "ba_paper", "ba_anchored")]
+    done_here = []
+
+    def finish(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "gsm8k_400.json").write_text("{}")
+        (folder / "drift.json").write_text("{}")
+
+    def fake_cell(ctx, arm, lr, seed):
+        done_here.append(arm)
+        return {"folder": str(real_lm.cell_folder(ctx, arm, lr, seed))}
+
+    monkeypatch.setattr(real_lm, "cell", fake_cell)
+    monkeypatch.setattr(real_lm, "evaluate_cell", lambda ctx, info: finish(Path(info["folder"])))
+    monkeypatch.setattr(real_lm, "measure_untuned", lambda ctx, n: finish(tmp_path / "untuned"))
+    other = tmp_path / f"{cells[1][2].name}.claim"
+    other.write_text(str(os.getppid()))  # ba_paper: the other (live) worker's
+
+    def sleep(seconds):  # while this worker waits, the other one finishes its cell
+        finish(cells[1][2])
+        other.unlink()
+
+    monkeypatch.setattr(claims.time, "sleep", sleep)
+    real_lm.measure_all(ctx, cells, 1e-4)
+    assert done_here == ["pissa", "ba_anchored"]
+    assert all(real_lm.measured(ctx, folder) for _, _, folder in cells)
+    assert (tmp_path / "untuned" / "gsm8k_400.json").exists() and not list(tmp_path.glob("*.claim"))
