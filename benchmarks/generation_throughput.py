@@ -2,10 +2,14 @@
 
 1. transformers: batched (``--batch_size``) vs one prompt at a time, same prompts, greedy; prints the speed-up ratio
    and checks the two give identical text.
-2. vLLM vs transformers (batched), when vLLM imports and CUDA is present; otherwise says it was skipped.
+2. transformers, greedy: the backend's loop (``eval.decoding``: a finished row leaves the batch) vs
+   ``model.generate`` on whole batches (every row computed until the batch's longest is done), same batches; the
+   gain is the share of steps spent on finished rows, so it shows with a real model whose answers end at different
+   lengths (``--model``; the random model never ends early).
+3. vLLM vs transformers (batched), when vLLM imports and CUDA is present; otherwise says it was skipped.
 
     python benchmarks/generation_throughput.py                       # tiny random Llama, GSM8K test questions
-    python benchmarks/generation_throughput.py --model path/to/merged --n 64 --max_new_tokens 256
+    python benchmarks/generation_throughput.py --model smollm2-135m-instruct --n 32 --max_new_tokens 320
 
 Without ``--model`` a randomly initialised Llama-shaped model (``--hidden_size``, ``--layers``) with a tokenizer
 trained on GSM8K is built offline: the absolute numbers are not those of a 7B model, the batched/sequential ratio
@@ -65,9 +69,30 @@ def timed(backend, prompts, params, batch_size: int | None = None) -> tuple[list
     return outputs, seconds, getattr(backend, "generated_tokens", 0) - before
 
 
+def whole_batches(backend, prompts, params) -> tuple[list[str], float]:
+    """``model.generate`` on the backend's batches (longest prompts first), decoded as the backend decodes."""
+    tok = backend.tokenizer
+    encoded = [tok(backend._render(p)[0], add_special_tokens=backend._render(p)[1])["input_ids"] for p in prompts]
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+    eos = backend.model.generation_config.eos_token_id or tok.eos_token_id
+    outputs: list[str] = [""] * len(prompts)
+    start = time.perf_counter()
+    for b in range(0, len(order), backend.batch_size):
+        batch = order[b:b + backend.batch_size]
+        inputs = tok.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, return_tensors="pt")
+        with torch.inference_mode():
+            out = backend.model.generate(**inputs, max_new_tokens=params.max_new_tokens, do_sample=False,
+                                         eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        for i, ids in zip(batch, out[:, inputs["input_ids"].shape[1]:].tolist()):
+            end = next((j for j, t in enumerate(ids) if t in (eos, tok.pad_token_id)), len(ids))
+            outputs[i] = tok.decode(ids[:end], skip_special_tokens=True)
+    return outputs, time.perf_counter() - start
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model or adapter folder (default: build a tiny random one)")
+    p.add_argument("--model", help="model or adapter folder, or a .gguf / the installed SmolLM2's short name "
+                                   "(default: build a tiny random one)")
     p.add_argument("--n", type=int, default=16, help="prompts")
     p.add_argument("--max_new_tokens", type=int, default=32)
     p.add_argument("--batch_size", type=int, default=16)
@@ -78,7 +103,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as scratch:
-        model = args.model or build_model(scratch, args.hidden_size, args.layers)
+        from balora_trl.gguf_models import resolve_model
+
+        model = resolve_model(args.model) if args.model else build_model(scratch, args.hidden_size, args.layers)
         backend = TransformersBackend(model, batch_size=args.batch_size)
         # Never stop early on EOS for a random model: every prompt then costs max_new_tokens, in both modes.
         if not args.model:
@@ -97,6 +124,10 @@ def main(argv=None) -> int:
         print(f"transformers one-by-one:       {t_single:7.2f} s  {tok_single / t_single:8.1f} tok/s")
         print(f"batched / one-by-one throughput ratio: {(tok_batched / t_batched) / (tok_single / t_single):.2f}x")
         print(f"identical outputs: {batched == single}")
+        whole, t_whole = whole_batches(backend, prompts, params)
+        print(f"generate on whole batches:     {t_whole:7.2f} s  {tok_batched / t_whole:8.1f} tok/s")
+        print(f"finished rows leave the batch / whole batches throughput ratio: {t_whole / t_batched:.2f}x "
+              f"(identical outputs: {whole == batched})")
 
         if vllm_usable():
             from eval.backends import VLLMBackend

@@ -263,24 +263,14 @@ def load_lm(path: str):
 def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int, batch: int = 8,
            stop: tuple[str, ...] = ()) -> list[list[int]]:
     """Greedy continuations (token ids, the end-of-turn token kept when generated) of text prompts, cut before the
-    token that completes the first ``stop`` string (as the harness cuts its text)."""
-    import torch
+    token that completes the first ``stop`` string (as the harness cuts its text). The harness's decoding loop
+    (``eval.decoding``: generate's tokens, finished rows leaving the batch), which returns token ids."""
+    from eval.decoding import greedy_decode
 
-    tokenizer.padding_side = "left"
-    outs = []
-    for i in range(0, len(prompts), batch):
-        enc = tokenizer(prompts[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-        for row in gen[:, enc["input_ids"].shape[1]:].tolist():
-            ids = []
-            for t in row:
-                ids.append(t)
-                if t == tokenizer.eos_token_id:
-                    break
-            outs.append(cut_at_stop(tokenizer, ids, stop) if stop else ids)
-    return outs
+    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    outs = greedy_decode(model, tokenizer, encoded, max_new_tokens, {tokenizer.eos_token_id}, stop=stop,
+                         batch_size=batch)
+    return [cut_at_stop(tokenizer, ids, stop) if stop else ids for ids in outs]
 
 
 def cut_at_stop(tokenizer, ids: list[int], stop: tuple[str, ...]) -> list[int]:

@@ -200,32 +200,42 @@ class TransformersBackend(Backend):
         for prompt in prompts:
             text, special = self._render(prompt)
             encoded.append(tok(text, add_special_tokens=special)["input_ids"])
-        # Longest first, so each batch holds similar lengths (little padding) and memory errors surface early.
-        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         config = self.model.generation_config
         eos = config.eos_token_id if config.eos_token_id is not None else tok.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        outputs: list[str | None] = [None] * len(prompts)
+
+        def finish(i: int, ids: list[int]) -> None:
+            end = next((j for j, t in enumerate(ids) if t in eos or t == tok.pad_token_id), len(ids))
+            self.generated_tokens += end
+            outputs[i] = tok.decode(ids[:end], skip_special_tokens=True)
+
+        if params.greedy:  # finished rows leave the batch (eval.decoding): the cost follows the tokens generated
+            from eval.decoding import greedy_decode
+
+            with tqdm(total=len(prompts), desc="generating", leave=False,
+                      disable=len(prompts) <= self.batch_size) as bar:
+                new = greedy_decode(self.model, tok, encoded, params.max_new_tokens, eos, stop=params.stop or (),
+                                    batch_size=self.batch_size, progress=bar.update)
+            for i, ids in enumerate(new):
+                finish(i, ids)
+            return outputs
         kwargs = dict(max_new_tokens=params.max_new_tokens, use_cache=True, pad_token_id=tok.pad_token_id,
-                      eos_token_id=eos, do_sample=not params.greedy)
-        if params.greedy:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        else:
-            kwargs.update(temperature=params.temperature, top_p=params.top_p, top_k=None)
-            torch.manual_seed(params.seed)
+                      eos_token_id=sorted(eos), do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                      top_k=None)
         if params.stop:
             kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
-        eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.pad_token_id}
-        outputs: list[str | None] = [None] * len(prompts)
+        torch.manual_seed(params.seed)
+        # Longest first, so each batch holds similar lengths (little padding) and memory errors surface early.
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for batch in tqdm(batches, desc="generating", leave=False, disable=len(batches) < 2):
             inputs = tok.pad({"input_ids": [encoded[i] for i in batch]}, padding=True, return_tensors="pt")
             inputs = {k: v.to(self.device) for k, v in inputs.items()}
             with torch.inference_mode():
                 out = self.model.generate(**inputs, **kwargs)
-            new = out[:, inputs["input_ids"].shape[1]:].tolist()
-            for i, ids in zip(batch, new):
-                end = next((j for j, t in enumerate(ids) if t in eos_ids), len(ids))
-                self.generated_tokens += end
-                outputs[i] = tok.decode(ids[:end], skip_special_tokens=True)
+            for i, ids in zip(batch, out[:, inputs["input_ids"].shape[1]:].tolist()):
+                finish(i, ids)
         return outputs
 
 
