@@ -595,7 +595,10 @@ def summarize(cells: list[dict], untuned: dict, lr: float, lr_runs: list[dict], 
                 verdict = "no difference shown"
             tests[name] = {"arm": arm, "vs": ref, "metric": metric, **ci, "verdict": verdict}
     return {"design": asdict(design), "design_version": DESIGN_VERSION, "lr": lr, "lr_runs": lr_runs,
-            "subset_n": subset_n, "untuned": {k: v for k, v in untuned.items() if k != "correct"},
+            "subset_n": subset_n, "untuned": {**{k: v for k, v in untuned.items() if k != "correct"},
+                                              # its NLL of its own answers (every cell has it): retention's baseline
+                                              "retention_nll": next((c["untuned_nll"] for c in cells
+                                                                     if "untuned_nll" in c), float("nan"))},
             "arms": arms, "tests": tests}
 
 
@@ -619,7 +622,7 @@ def write_report(summary: dict, out: Path) -> None:
              "new tokens at most. Mean over seeds with 95 % t-intervals.", "",
              "| Arm | seeds | GSM8K acc. % | cut by limit | drift KL (general) | retention NLL | KL (GSM8K) | "
              "chat format kept % | 'The answer is' in chat % |", "|---|---|---|---|---|---|---|---|---|",
-             f"| untuned | – | {100 * u['accuracy']:.1f} | {u['cut_by_limit']} | 0 | – | 0 | "
+             f"| untuned | – | {100 * u['accuracy']:.1f} | {u['cut_by_limit']} | 0 | {u['retention_nll']:.3f} | 0 | "
              f"{100 * u['format_kept']:.1f} | {100 * u['answer_is_leak']:.1f} |"]
     for name, a in summary["arms"].items():
         lines.append(f"| {a['label']} | {len(a['seeds'])} | {_fmt(a['accuracy'], 1, 100)} | "

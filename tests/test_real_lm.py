@@ -83,7 +83,8 @@ def _cells(drift_delta, acc_delta):
     for seed in range(5):
         for arm, d_kl, d_acc in (("pissa", 0, 0), ("ba_anchored", drift_delta, acc_delta), ("ba_paper", 0.0, 0.0)):
             cells.append({"arm": arm, "seed": seed, "accuracy": 0.05 + d_acc + 0.001 * seed,
-                          "drift_kl": 0.02 + d_kl + 0.001 * seed * (seed % 2), "retention_nll": 1.0, "gsm_kl": 0.1,
+                          "drift_kl": 0.02 + d_kl + 0.001 * seed * (seed % 2), "retention_nll": 1.0, "untuned_nll": 0.8,
+                          "gsm_kl": 0.1,
                           "format_kept": 0.9, "answer_is_leak": 0.0, "cut_by_limit": 3, "train_seconds": 1.0,
                           "correct": {str(i): (i + seed) % 10 == 0 for i in range(20)}, "terms": {}})
     return cells
@@ -111,6 +112,7 @@ def test_report_and_figure_are_written(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text())["tests"]["H1"]["verdict"] == "supported"
     text = (tmp_path / "results.md").read_text()
     assert "H1: BA-LoRA λ1=0.1 − PiSSA, drift_kl" in text and "supported" in text
+    assert "| untuned | – | 2.0 | 5 | 0 | 0.800 |" in text  # retention's baseline: its NLL of its own answers
     assert (tmp_path / "drift_vs_accuracy.png").stat().st_size > 10_000
 
 
