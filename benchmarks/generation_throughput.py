@@ -115,6 +115,7 @@ def main(argv=None) -> int:
         params = GenerationParams(max_new_tokens=args.max_new_tokens)
         backend.generate(prompts[:2], params)  # warm-up
         batched, t_batched, tok_batched = timed(backend, prompts, params)
+        whole, t_whole = whole_batches(backend, prompts, params)  # right after: the same load on a shared machine
         single, t_single, tok_single = timed(backend, prompts, params, batch_size=1)
 
         device = backend.device if backend.device != "cpu" else f"cpu ({args.threads} threads, {platform.processor() or platform.machine()})"
@@ -124,7 +125,6 @@ def main(argv=None) -> int:
         print(f"transformers one-by-one:       {t_single:7.2f} s  {tok_single / t_single:8.1f} tok/s")
         print(f"batched / one-by-one throughput ratio: {(tok_batched / t_batched) / (tok_single / t_single):.2f}x")
         print(f"identical outputs: {batched == single}")
-        whole, t_whole = whole_batches(backend, prompts, params)
         print(f"generate on whole batches:     {t_whole:7.2f} s  {tok_batched / t_whole:8.1f} tok/s")
         print(f"finished rows leave the batch / whole batches throughput ratio: {t_whole / t_batched:.2f}x "
               f"(identical outputs: {whole == batched})")

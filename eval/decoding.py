@@ -39,7 +39,10 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_to
     # transformers renames the cache argument (`past_key_values` -> `cache`, the old name removed in 5.40): use the
     # name this model's forward takes (a PEFT model forwards keyword arguments to its base model unchanged)
     forward = getattr(model, "get_base_model", lambda: model)().forward
-    cache_name = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    parameters = inspect.signature(forward).parameters
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}  # the head on the last position only,
+    # as generate does: on the prompt pass the full [rows, prompt, vocab] logits would be the largest tensor
+    cache_name = "cache" if "cache" in parameters else "past_key_values"
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     outputs: list[list[int]] = [[] for _ in prompts]
     for start in range(0, len(order), batch_size):
@@ -53,7 +56,7 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_to
         with torch.inference_mode():
             for _ in range(max_new_tokens):
                 logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                               **{cache_name: cache}).logits[:, -1]
+                               **{cache_name: cache}, **extra).logits[:, -1]
                 chosen = logits.argmax(-1)
                 keep = []
                 for j, (row, token) in enumerate(zip(active, chosen.tolist())):
