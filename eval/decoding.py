@@ -33,7 +33,7 @@ def greedy_decode(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_to
     from transformers import DynamicCache
 
     eos = set(eos_token_ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)  # never attended
     window = max((len(s) for s in stop), default=0) + 1  # a stop string of L characters spans at most L tokens
     device = next(model.parameters()).device
     # transformers renames the cache argument (`past_key_values` -> `cache`, the old name removed in 5.40): use the
