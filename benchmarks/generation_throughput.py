@@ -72,7 +72,7 @@ def timed(backend, prompts, params, batch_size: int | None = None) -> tuple[list
 def whole_batches(backend, prompts, params) -> tuple[list[str], float]:
     """``model.generate`` on the backend's batches (longest prompts first), decoded as the backend decodes."""
     tok = backend.tokenizer
-    encoded = [tok(backend._render(p)[0], add_special_tokens=backend._render(p)[1])["input_ids"] for p in prompts]
+    encoded = [tok(text, add_special_tokens=special)["input_ids"] for text, special in map(backend._render, prompts)]
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
     eos = backend.model.generation_config.eos_token_id or tok.eos_token_id
     outputs: list[str] = [""] * len(prompts)

@@ -673,35 +673,28 @@ def main(argv=None):
     hf_logging.set_verbosity_error()
     data = None
     start = time.time()
+
+    def do(seed: int, name: str, entry) -> None:
+        nonlocal data
+        data = data or Data(args, files)
+        run = train_one(args, data, name, entry, seed, run_settings(common, entry))
+        save_cached(args.cache_dir, run)
+        write_report(args, files, common, info)
+        accs = run.get("failed") or "  ".join(f"{k} {100 * run['sets'][k]['accuracy']:.2f}" for k in EVAL_SETS)
+        print(f"[{(time.time() - start) / 60:6.1f} min] seed {seed} {name:24s} {accs} "
+              f"({run['seconds']:.0f} s wall, {run['cpu_seconds']:.0f} s CPU)", flush=True)
+
     phases = [method_table(PREREG_PHASE1, PREREG_SCALES)] if args.preregistered else \
         [method_table(args.methods, args.lambda_scale)]
     while phases:
         table = phases.pop(0)
-        # seed-major: an interrupted sweep still has every method at the finished seeds
-        todo = [(seed, name, entry) for seed in args.seeds for name, entry in table.items()]
-        while todo:
-            pending = [t for t in todo if load_cached(args.cache_dir, t[1], t[0], run_settings(common, t[2])) is None]
-            mine = next((t for t in pending if claims.claim(_claim_path(args.cache_dir, t[1], t[0]))), None)
-            todo = pending
-            if mine is None:
-                if pending:  # the rest is running in another worker: wait for it (a dead worker's claim is freed)
-                    time.sleep(15)
-                continue
-            seed, name, entry = mine
-            if load_cached(args.cache_dir, name, seed, run_settings(common, entry)) is not None:
-                # another worker finished it between the two looks
-                claims.release(_claim_path(args.cache_dir, name, seed))
-                continue
-            try:
-                data = data or Data(args, files)
-                run = train_one(args, data, name, entry, seed, run_settings(common, entry))
-                save_cached(args.cache_dir, run)
-            finally:
-                claims.release(_claim_path(args.cache_dir, name, seed))
-            write_report(args, files, common, info)
-            accs = run.get("failed") or "  ".join(f"{k} {100 * run['sets'][k]['accuracy']:.2f}" for k in EVAL_SETS)
-            print(f"[{(time.time() - start) / 60:6.1f} min] seed {seed} {name:24s} {accs} "
-                  f"({run['seconds']:.0f} s wall, {run['cpu_seconds']:.0f} s CPU)", flush=True)
+        # seed-major: an interrupted sweep still has every method at the finished seeds; a run another worker has
+        # claimed is left to it and waited for (lab.claims)
+        claims.share([(_claim_path(args.cache_dir, name, seed),
+                       lambda seed=seed, name=name, entry=entry: load_cached(
+                           args.cache_dir, name, seed, run_settings(common, entry)) is not None,
+                       lambda seed=seed, name=name, entry=entry: do(seed, name, entry))
+                      for seed in args.seeds for name, entry in table.items()])
         if args.preregistered and "LoRA" not in table:  # phase 1 done: choose s* on the slice, then the ablations
             chosen = choose_scale(collect_runs(args.cache_dir, table, PREREG_SEEDS, common))["chosen"]
             if chosen is None:

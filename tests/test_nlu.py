@@ -694,7 +694,7 @@ def test_benchmark_workers_share_the_sweep_through_claims(tmp_path, monkeypatch)
     def wait(seconds):
         raise Waiting
 
-    monkeypatch.setattr(bench.time, "sleep", wait)
+    monkeypatch.setattr(bench.claims.time, "sleep", wait)  # the wait is lab.claims.share's
     with pytest.raises(Waiting):
         bench.main(["--methods", "pissa", "lora", "--seeds", "0", "--train_samples", "32", "--eval_samples", "16",
                     "--max_steps", "1", "--features", "hidden", "--out", str(tmp_path / "r")])
