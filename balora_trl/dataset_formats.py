@@ -42,6 +42,7 @@ as ``prompt_template.json`` with the adapter, so evaluation prompts the model th
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -74,7 +75,20 @@ _LOCAL_BUILDERS = {
 
 
 class DatasetFormatError(ValueError):
-    """The dataset's columns or rows do not fit any supported format."""
+    """The dataset's columns or rows do not fit any supported format. A row's error carries ``row`` (its index in
+    the converted dataset, from 0) and ``detail`` (the message without the row), so that a caller who knows where
+    the rows came from can name the file and line instead (`locate_row`)."""
+
+    def __init__(self, message: str, row: int | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.row, self.detail = row, detail
+
+    def __reduce__(self):  # keeps row and detail across `datasets.map(num_proc=...)`'s worker processes
+        return type(self), (str(self), self.row, self.detail)
+
+
+def _row_error(index: int, detail: str) -> DatasetFormatError:
+    return DatasetFormatError(f"Row {index} (counted from 0): {detail}", row=index, detail=detail)
 
 
 class DatasetLoadError(ValueError):
@@ -187,9 +201,9 @@ def _text(value, what: str, index: int, allow_empty: bool = False) -> str:
     if value is None:
         value = ""
     if not isinstance(value, str):
-        raise DatasetFormatError(f"Row {index}: {what} must be text, got {type(value).__name__}.")
+        raise _row_error(index, f"{what} must be text, got {type(value).__name__}.")
     if not allow_empty and not value.strip():
-        raise DatasetFormatError(f"Row {index}: empty {what}. Remove or fix the row (rows are counted from 0).")
+        raise _row_error(index, f"empty {what}. Remove or fix the row.")
     return value
 
 
@@ -233,17 +247,17 @@ def _instruction_row(fmt: Format, template: PromptTemplate, row: dict, index: in
 
 def _messages(turns, index: int) -> list[dict]:
     if not isinstance(turns, (list, tuple)) or not turns:
-        raise DatasetFormatError(f"Row {index}: the conversation is empty or not a list of turns.")
+        raise _row_error(index, "the conversation is empty or not a list of turns.")
     out = []
     for turn in turns:
         if not isinstance(turn, dict):
-            raise DatasetFormatError(f"Row {index}: a turn is {type(turn).__name__}, expected a dict.")
+            raise _row_error(index, f"a turn is {type(turn).__name__}, expected a dict.")
         # `or`, not a .get default: rows read through Arrow carry both spellings, the unused one as None.
         role = turn.get("role") or turn.get("from")
         content = turn.get("content") if turn.get("content") is not None else turn.get("value")
         mapped = _ROLES.get(str(role).lower())
         if mapped is None:
-            raise DatasetFormatError(f"Row {index}: unknown role {role!r} (known: {sorted(_ROLES)}).")
+            raise _row_error(index, f"unknown role {role!r} (known: {sorted(_ROLES)}).")
         out.append({"role": mapped, "content": "" if content is None else str(content)})
     return out
 
@@ -254,10 +268,10 @@ def _conversation_row(turns, template: PromptTemplate, index: int, assistant_tur
     if template.is_chat:
         replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if not replies:
-            raise DatasetFormatError(f"Row {index}: the conversation has no assistant turn to train on.")
+            raise _row_error(index, "the conversation has no assistant turn to train on.")
         last = replies[-1]
         if not any(m["role"] == "user" for m in messages[:last]):
-            raise DatasetFormatError(f"Row {index}: no user turn precedes the last assistant turn.")
+            raise _row_error(index, "no user turn precedes the last assistant turn.")
         if assistant_turns == "last":
             _text(messages[last]["content"], "completion (last assistant turn)", index)
             return {"prompt": messages[:last], "completion": [messages[last]]}
@@ -269,7 +283,7 @@ def _conversation_row(turns, template: PromptTemplate, index: int, assistant_tur
     reply = None if first_user is None else next(
         (i for i in range(first_user + 1, len(messages)) if messages[i]["role"] == "assistant"), None)
     if reply is None:
-        raise DatasetFormatError(f"Row {index}: the conversation has no user turn followed by an assistant reply.")
+        raise _row_error(index, "the conversation has no user turn followed by an assistant reply.")
     instruction = _text(messages[first_user]["content"], "instruction (first user turn)", index)
     response = _text(messages[reply]["content"], "completion (first assistant reply)", index)
     return {"prompt": template.render(instruction), "completion": join(response)}
@@ -279,7 +293,7 @@ def _prompt_completion_row(row: dict, template: PromptTemplate, index: int, join
     prompt, completion = row["prompt"], row["completion"]
     if isinstance(prompt, (list, tuple)):  # conversational prompt/completion
         if not isinstance(completion, (list, tuple)):
-            raise DatasetFormatError(f"Row {index}: the prompt is a list of messages but the completion is not.")
+            raise _row_error(index, "the prompt is a list of messages but the completion is not.")
         if not template.is_chat:
             return _conversation_row(list(prompt) + list(completion), template, index, join=join)
         prompt_msgs, completion_msgs = _messages(prompt, index), _messages(completion, index)
@@ -493,6 +507,23 @@ def json_lines(path: str, lines):
             raise ValueError(f"{path}, line {number}: a JSON {type(value).__name__}, but each line must be one "
                              'object (one row: {"column": value, ...}).')
         yield value
+
+
+def locate_row(path: str, row: int) -> str:
+    """Where row ``row`` (from 0) of the one local file ``path`` is, for a message: its line in a JSON Lines file
+    (the reader skips blank lines: the row-th non-blank line), otherwise the row."""
+    if _builder_for(path) == "json":
+        with _open_text(path) as f:
+            rows = ((n, line) for n, line in enumerate(f, 1) if line.strip())
+            first = next(rows, (0, ""))
+            try:  # JSON Lines when its first line is a whole row (as in _json_problem); a .json document has no lines
+                one_per_line = isinstance(json.loads(first[1]), dict)
+            except json.JSONDecodeError:
+                one_per_line = False
+            found = first if row == 0 else next(itertools.islice(rows, row - 1, None), None)
+        if one_per_line and found:
+            return f"{path}, line {found[0]}"
+    return f"{path}, row {row} (counted from 0)"
 
 
 def _one_line(error: BaseException) -> str:

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .dataset_formats import (ASSISTANT_TURNS, FORMATS, SAMPLE_PATH, load_dataset_any, supported_formats, to_prompt_completion,
-                   tokenize_like_release)
+from .dataset_formats import (ASSISTANT_TURNS, FORMATS, SAMPLE_PATH, DatasetFormatError, load_dataset_any, locate_row,
+                              supported_formats, to_prompt_completion, tokenize_like_release)
 from .gguf_models import resolve_model
 from .preflight import (USER_ERRORS, PreflightError, check, cuda_available, is_available, parse_init_lora_weights,
                         report_user_error)
@@ -217,22 +217,47 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None, **kwargs)
 
 def load_training_data(script_args, training_args):
     """The training split as prompt/completion (or ``messages`` rows: conversations, every assistant turn), and the
-    prompt template used (the shipped sample by default)."""
+    prompt template used (the shipped sample by default). A row that cannot be converted is named by the file and
+    line it came from when the split is one local file (`locate_row`), by its row in the split otherwise."""
     with training_args.main_process_first(desc="dataset loading"):
         if script_args.dataset_name is None and not script_args.data_files:
-            raw = load_dataset_any(str(SAMPLE_PATH), split=script_args.dataset_train_split)
+            source = str(SAMPLE_PATH)
+            raw = load_dataset_any(source, split=script_args.dataset_train_split)
         else:
+            source = _one_local_file(script_args)
             raw = load_dataset_any(
                 script_args.dataset_name, split=script_args.dataset_train_split, config=script_args.dataset_config,
                 data_dir=script_args.dataset_data_dir, data_files=script_args.data_files,
             )
+        rows = None  # the converted rows' indices in the split, when a subset was taken
         if script_args.max_train_samples is not None and script_args.max_train_samples < len(raw):
             # A seeded random subset: MetaMathQA and CodeFeedback are ordered by source, their first rows are not
-            # representative.
-            raw = raw.shuffle(seed=training_args.seed).select(range(script_args.max_train_samples))
-        return to_prompt_completion(raw, script_args.dataset_format, script_args.prompt_template,
-                                    num_proc=training_args.dataset_num_proc, assistant_turns=script_args.assistant_turns,
-                                    space_before_completion=script_args.tokenization != "release")
+            # representative. The permutation is `Dataset.shuffle(seed)`'s, drawn here to keep each row's index.
+            import numpy as np
+
+            rows = np.random.default_rng(training_args.seed).permutation(len(raw))[:script_args.max_train_samples]
+            raw = raw.select(rows)
+        try:
+            return to_prompt_completion(raw, script_args.dataset_format, script_args.prompt_template,
+                                        num_proc=training_args.dataset_num_proc,
+                                        assistant_turns=script_args.assistant_turns,
+                                        space_before_completion=script_args.tokenization != "release")
+        except DatasetFormatError as error:
+            if error.row is None:
+                raise
+            row = error.row if rows is None else int(rows[error.row])
+            where = (locate_row(source, row) if source and script_args.dataset_train_split == "train"
+                     else f"row {row} of the '{script_args.dataset_train_split}' split (counted from 0)")
+            raise DatasetFormatError(f"{where}: {error.detail}") from None
+
+
+def _one_local_file(script_args) -> str | None:
+    """The local file the training split is read from, when it is exactly one."""
+    files = script_args.data_files if script_args.dataset_name is None else [script_args.dataset_name]
+    files = [files] if isinstance(files, str) else list(files or [])
+    if len(files) == 1 and os.path.isfile(os.path.expanduser(str(files[0]))):
+        return os.path.expanduser(str(files[0]))
+    return None
 
 
 def fit_data_to_trl(train_dataset, tokenizer, script_args, training_args, model_path: str):

@@ -229,27 +229,38 @@ def test_conversational_prompt_completion():
 
 @pytest.mark.parametrize("rows,match", [
     ([{"query": "a", "response": "b"}, {"query": "c", "response": "d"}, {"query": "e", "response": "  "}],
-     r"Row 2: empty completion \('response'\)"),
-    ([{"query": "a", "response": "b"}, {"query": "c", "response": None}], r"Row 1: empty completion"),
-    ([{"instruction": "", "input": "", "output": "x"}], r"Row 0: empty instruction"),
-    ([{"prompt": "p", "completion": ""}], r"Row 0: empty completion"),
-    ([{"conversations": [{"from": "human", "value": "hi"}]}], r"Row 0: the conversation has no assistant turn"),
+     r"Row 2 \(counted from 0\): empty completion \('response'\)"),
+    ([{"query": "a", "response": "b"}, {"query": "c", "response": None}],
+     r"Row 1 \(counted from 0\): empty completion"),
+    ([{"instruction": "", "input": "", "output": "x"}], r"Row 0 \(counted from 0\): empty instruction"),
+    ([{"prompt": "p", "completion": ""}], r"Row 0 \(counted from 0\): empty completion"),
+    ([{"conversations": [{"from": "human", "value": "hi"}]}],
+     r"Row 0 \(counted from 0\): the conversation has no assistant turn"),
     ([{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]}],
-     r"Row 0: empty assistant turn \(turn 1, counted from 0\)"),
+     r"Row 0 \(counted from 0\): empty assistant turn \(turn 1, counted from 0\)"),
     ([{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": " "},
                     {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]}],
-     r"Row 0: empty assistant turn \(turn 1, counted from 0\)"),
-    ([{"conversations": [{"from": "alien", "value": "hi"}]}], r"Row 0: unknown role 'alien'"),
-    ([{"messages": [{"role": "assistant", "content": "hi"}]}], r"Row 0: no user turn precedes"),
+     r"Row 0 \(counted from 0\): empty assistant turn \(turn 1, counted from 0\)"),
+    ([{"conversations": [{"from": "alien", "value": "hi"}]}], r"Row 0 \(counted from 0\): unknown role 'alien'"),
+    ([{"messages": [{"role": "assistant", "content": "hi"}]}], r"Row 0 \(counted from 0\): no user turn precedes"),
 ])
 def test_bad_rows_raise_naming_the_row(rows, match):
     with pytest.raises(DatasetFormatError, match=match):
         to_prompt_completion(Dataset.from_list(rows))
 
 
+def test_a_bad_row_keeps_its_index_through_worker_processes():
+    """The job names the file's line from the error's ``row``: it must survive `map(num_proc=2)`'s pickling."""
+    rows = [{"query": f"q{i}", "response": "" if i == 7 else f"r{i}"} for i in range(10)]
+    with pytest.raises(DatasetFormatError) as caught:
+        to_prompt_completion(Dataset.from_list(rows), num_proc=2)
+    assert (caught.value.row, caught.value.detail) == (7, "empty completion ('response'). Remove or fix the row.")
+
+
 def test_last_turn_only_checks_the_last_reply():
     rows = [{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": ""}]}]
-    with pytest.raises(DatasetFormatError, match=r"Row 0: empty completion \(last assistant turn\)"):
+    with pytest.raises(DatasetFormatError,
+                       match=r"Row 0 \(counted from 0\): empty completion \(last assistant turn\)"):
         to_prompt_completion(Dataset.from_list(rows), assistant_turns="last")
 
 

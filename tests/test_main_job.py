@@ -117,9 +117,12 @@ BAD_DATA = {  # file name -> (content, the error line after "error: "; {path} is
                       "messages (messages); sharegpt (conversations); metamath (query, response); codefeedback "
                       "(query, answer); alpaca (instruction, input, output); pissa (instruction, output); gsm8k "
                       "(question, answer)."),
-    "no_completion.jsonl": ('{"query": "a", "response": "b"}\n{"query": "c", "response": " "}\n',
-                            "Row 1: empty completion ('response'). Remove or fix the row (rows are counted from 0)."),
-    "not_text.jsonl": ('{"query": "a", "response": 7}\n', "Row 0: completion ('response') must be text, got int."),
+    "no_completion.jsonl": ('{"query": "a", "response": "b"}\n\n{"query": "c", "response": " "}\n',  # a blank line
+                            "{path}, line 3: empty completion ('response'). Remove or fix the row."),
+    "not_text.jsonl": ('{"query": "a", "response": 7}\n',
+                       "{path}, line 1: completion ('response') must be text, got int."),
+    "not_text.json": ('[{"query": "a", "response": "b"},\n {"query": "c", "response": 7}]\n',
+                      "{path}, row 1 (counted from 0): completion ('response') must be text, got int."),
 }
 
 
@@ -139,6 +142,24 @@ def test_user_mistakes_end_in_one_line(tmp_path, capsys, monkeypatch, name):
     err = capsys.readouterr().err
     assert err.splitlines()[-1] == "error: " + expected and "Traceback" not in err
     assert not (out / "base_model").exists()  # stopped before building anything
+
+
+def test_a_bad_row_of_a_random_subset_is_named_by_its_line(tmp_path, capsys, monkeypatch):
+    """max_train_samples draws a seeded subset: the error names the row's line in the file, not its subset index."""
+    import numpy as np
+
+    from balora_trl.sft import cli
+
+    monkeypatch.delenv("BALORA_DEBUG", raising=False)
+    subset = np.random.default_rng(3).permutation(40)[:24]  # Dataset.shuffle(seed=3)'s first 24 rows
+    bad = int(subset[5])
+    assert bad != 5
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"query": f"q{i}", "response": "" if i == bad else f"r{i}"}) + "\n"
+                            for i in range(40)))
+    assert cli(["--dataset_name", str(path), "--output_dir", str(tmp_path / "run"), "--seed", "3", *TINY]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: {path}, line {bad + 1}: empty completion ('response'). Remove or fix the row.")
 
 
 def test_debug_keeps_the_traceback(tmp_path, monkeypatch):
