@@ -61,6 +61,9 @@ def _check_schedules(cfg, nlg: bool) -> None:
         value = getattr(cfg, name, None)
         if value is not None and (not _is_number(value) or value < 0):
             raise ValueError(f"`{name}` must be a finite number >= 0 or unset, got {value!r}.")
+        if value is not None and value > LAMBDA_MAX:  # a schedule reaches it: the same bound as λ itself
+            raise ValueError(f"`{name}` = {value!r} is beyond any useful weight (at most {LAMBDA_MAX:.0f} = 2^24), "
+                             "as for `lambda_consistency`: the task loss would be lost below float32's resolution.")
     if cfg.svd_normalizer not in SVD_NORMALIZERS:
         raise ValueError(f"`svd_normalizer` must be one of {SVD_NORMALIZERS}, got {cfg.svd_normalizer!r}.")
     if not nlg:

@@ -121,6 +121,8 @@ def test_kl_controller_bounds():
     (dict(svd_normalizer="l2"), "'sum', 'frobenius'"),
     (dict(lambda_consistency_min=0.5, lambda_consistency_max=0.1), "must not exceed"),
     (dict(lambda_consistency_end=-1.0), "lambda_consistency_end"),
+    (dict(kl_target=0.1, lambda_consistency=0.025, lambda_consistency_max=1e30), "`lambda_consistency_max` = 1e"),
+    (dict(lambda_consistency_schedule="cosine", lambda_consistency_end=2.0 ** 25), "`lambda_consistency_end` = 3"),
     (dict(kl_target=0.0), "kl_target"),
     (dict(kl_target=0.1, lambda_consistency_schedule="cosine"), "controller"),
     (dict(kl_target=0.1, lambda_consistency=0.0), "starting"),
