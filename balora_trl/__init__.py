@@ -15,7 +15,7 @@ _EXPORTS = {
     "BALoraNLUConfig": ".config",
     "BALoraSFTTrainer": ".trainer",
     "BALoraTrainer": ".nlu",
-    "merge": ".export",
+    "merge": ".merging",
 }
 __all__ = list(_EXPORTS)
 

@@ -2,7 +2,7 @@
 
     balora train [--config RECIPE.yaml] [--field value ...] [accelerate launch options]
     balora env
-    balora merge ...      (balora_trl.export)
+    balora merge ...      (balora_trl.merging)
     balora eval ...       (eval.cli)
 
 ``balora train`` parses its arguments exactly like ``trl sft`` (TRL's ``TrlParser``: a YAML ``--config`` and
@@ -38,7 +38,7 @@ commands:
           Every field of BALoraConfig / trl.ModelConfig / the script arguments can be set in the YAML or as
           --field value; `balora train --help` lists them.
   env     Print versions, the device, and which optional extras are usable.
-  merge   Merge an adapter into its base model (balora_trl.export).
+  merge   Merge an adapter into its base model (balora_trl.merging).
   pissa-init  Compute PiSSA once: a residual model + pissa_init/ adapter to train from (balora_trl.pissa_init).
   eval    Evaluate a trained adapter or merged model (eval.cli).
 
@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             print(env_report())
             return 0
         if command == "merge":
-            return _delegate("merge", "balora_trl.export", "merge_cli", rest)
+            return _delegate("merge", "balora_trl.merging", "merge_cli", rest)
         if command == "pissa-init":
             return _delegate("pissa-init", "balora_trl.pissa_init", "main", rest)
         if command == "eval":

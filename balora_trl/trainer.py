@@ -39,7 +39,7 @@ from trl import SFTTrainer
 
 from . import losses, schedules
 from .config import BALoraConfig
-from .export import BALoraSaveMixin
+from .checkpoints import BALoraSaveMixin
 from .head import head_parameters, head_logits, _gathered_head, install_head_forward
 from .reference import Reference, build_reference, is_peft_model
 

@@ -198,19 +198,19 @@ def test_init_lora_weights_values():
 # merge / eval are other modules' commands
 # ------------------------------------------------------------------------------------------------------------------
 
-def test_merge_delegates_to_export(monkeypatch):
-    import balora_trl.export
+def test_merge_delegates_to_merging(monkeypatch):
+    import balora_trl.merging
 
     calls = []
-    monkeypatch.setattr(balora_trl.export, "merge_cli", lambda argv: calls.append(argv) or 0, raising=False)
+    monkeypatch.setattr(balora_trl.merging, "merge_cli", lambda argv: calls.append(argv) or 0, raising=False)
     assert cli.main(["merge", "outputs/x", "--output_dir", "merged"]) == 0
     assert calls == [["outputs/x", "--output_dir", "merged"]]
 
 
 def test_merge_missing_says_so(monkeypatch, capsys):
-    import balora_trl.export
+    import balora_trl.merging
 
-    monkeypatch.delattr(balora_trl.export, "merge_cli", raising=False)
+    monkeypatch.delattr(balora_trl.merging, "merge_cli", raising=False)
     assert cli.main(["merge", "x"]) == 1
     assert "balora merge" in capsys.readouterr().err
 
@@ -231,12 +231,12 @@ def test_eval_delegates_to_eval_cli(monkeypatch):
 # ------------------------------------------------------------------------------------------------------------------
 
 def _merge_raising(monkeypatch, error):
-    import balora_trl.export
+    import balora_trl.merging
 
     def merge_cli(argv):
         raise error
 
-    monkeypatch.setattr(balora_trl.export, "merge_cli", merge_cli, raising=False)
+    monkeypatch.setattr(balora_trl.merging, "merge_cli", merge_cli, raising=False)
 
 
 @pytest.mark.parametrize("error,line", [

@@ -17,8 +17,8 @@ from peft import LoraConfig, PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from balora_trl import BALoraSFTTrainer, conversion, merging
-from balora_trl.export import merge, merge_cli
 from balora_trl.local_models import build_causal_lm
+from balora_trl.merging import merge, merge_cli
 from balora_trl.prompts import PromptTemplate
 from balora_trl.reference import REFERENCE_ADAPTER
 

@@ -119,7 +119,7 @@ def test_train_from_pissa_init_then_save_for_the_original(original_dir, pi_dir, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from balora_trl.export import merge
+    from balora_trl.merging import merge
     from balora_trl.sft import build_trainer, train_and_save
 
     original = AutoModelForCausalLM.from_pretrained(original_dir).eval()

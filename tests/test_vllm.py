@@ -36,7 +36,7 @@ from peft import LoraConfig  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from balora_trl import BALoraSFTTrainer  # noqa: E402
-from balora_trl.export import merge  # noqa: E402
+from balora_trl.merging import merge  # noqa: E402
 from eval import cli  # noqa: E402
 from eval.backends import TransformersBackend, VLLMBackend, resolve_backend  # noqa: E402
 from eval.benchmark_rows import packaged, read_rows  # noqa: E402
