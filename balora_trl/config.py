@@ -28,15 +28,20 @@ CONSISTENCY_POSITIONS = ("all", "label_consistent")
 LAMBDA_MAX = 2.0 ** 24
 
 
+def _refuse_beyond_lambda_max(name: str, value: float) -> None:
+    """A λ, or a value a λ schedule reaches, above `LAMBDA_MAX`."""
+    if value > LAMBDA_MAX:
+        raise ValueError(f"`{name}` = {value!r} is beyond any useful weight (at most {LAMBDA_MAX:.0f} = 2^24): a "
+                         "term weighted that much swamps the task loss below float32's resolution, so training "
+                         "fits the regulariser alone. The paper's values are 1e-4 to 1e-3.")
+
+
 def _check_regularisers(cfg) -> None:
     for name in ("lambda_consistency", "lambda_diversity", "lambda_svd"):
         value = getattr(cfg, name)
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
             raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
-        if value > LAMBDA_MAX:
-            raise ValueError(f"`{name}` = {value!r} is beyond any useful weight (at most {LAMBDA_MAX:.0f} = 2^24): a "
-                             "term weighted that much swamps the task loss below float32's resolution, so training "
-                             "fits the regulariser alone. The paper's values are 1e-4 to 1e-3.")
+        _refuse_beyond_lambda_max(name, value)
     if not isinstance(cfg.svd_top_k, int) or isinstance(cfg.svd_top_k, bool) or cfg.svd_top_k < 1:
         raise ValueError(f"`svd_top_k` (k in eq. 12) must be an integer >= 1, got {cfg.svd_top_k!r}.")
 
@@ -59,11 +64,11 @@ def _check_schedules(cfg, nlg: bool) -> None:
             raise ValueError(f"`{name}` must be a number in [0, 1] (a fraction of the run's steps), got {value!r}.")
     for name in ("lambda_consistency_end", "lambda_consistency_min", "lambda_consistency_max"):
         value = getattr(cfg, name, None)
-        if value is not None and (not _is_number(value) or value < 0):
+        if value is None:
+            continue
+        if not _is_number(value) or value < 0:
             raise ValueError(f"`{name}` must be a finite number >= 0 or unset, got {value!r}.")
-        if value is not None and value > LAMBDA_MAX:  # a schedule reaches it: the same bound as λ itself
-            raise ValueError(f"`{name}` = {value!r} is beyond any useful weight (at most {LAMBDA_MAX:.0f} = 2^24), "
-                             "as for `lambda_consistency`: the task loss would be lost below float32's resolution.")
+        _refuse_beyond_lambda_max(name, value)  # a schedule reaches it: the same bound as λ itself
     if cfg.svd_normalizer not in SVD_NORMALIZERS:
         raise ValueError(f"`svd_normalizer` must be one of {SVD_NORMALIZERS}, got {cfg.svd_normalizer!r}.")
     if not nlg:
