@@ -475,16 +475,22 @@ def _json_problem(path: str) -> str | None:
     except UnicodeDecodeError as error:
         return f"{path} is not UTF-8 text (byte {error.start}: {error.reason})."
     lines = text.split("\n")  # not splitlines(): JSON strings may hold U+2028 and friends unescaped
-    first = next((line for line in lines if line.strip()), "")
     if not path.lower().endswith((".jsonl", ".jsonl.gz")):
-        try:  # a .json file holds one document, or is JSON Lines after all
-            json.loads(first)
-        except json.JSONDecodeError:
+        try:  # a .json file holds one document (an array of rows, however laid out), or is JSON Lines after all
+            document = json.loads(text)
+        except json.JSONDecodeError as error:
             try:
-                json.loads(text)
-            except json.JSONDecodeError as error:
+                json.loads(next((line for line in lines if line.strip()), ""))
+            except json.JSONDecodeError:
                 return f"{path}, line {error.lineno}: not valid JSON ({error.msg}, column {error.colno})."
-            return None
+        else:
+            bad = next((i for i, row in enumerate(document) if not isinstance(row, dict)), None) if isinstance(
+                document, list) else None
+            if bad is None:
+                return None
+            return (f"{path}: item {bad} (counted from 0) of its JSON array is a JSON "
+                    f"{type(document[bad]).__name__}, but each item must be one object (one row: "
+                    '{"column": value, ...}).')
     try:
         for _ in json_lines(path, lines):
             pass

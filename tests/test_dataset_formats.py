@@ -390,6 +390,16 @@ def test_bad_json_document_names_the_line(tmp_path):
         load_dataset_any(str(path))
 
 
+@pytest.mark.parametrize("layout", ["[{}, 5]", "[\n{},\n5\n]\n"])
+def test_a_json_array_item_that_is_not_a_row_is_named(tmp_path, layout):
+    # A .json document is one array of rows however it is laid out; on one line it is not JSON Lines.
+    path = tmp_path / "rows.json"
+    path.write_text(layout.format(ROWS[0]))
+    with pytest.raises(DatasetLoadError, match=rf"^{path}: item 1 \(counted from 0\) of its JSON array is a JSON int, "
+                                               r"but each item must be one object"):
+        load_dataset_any(str(path))
+
+
 def test_missing_local_file_is_not_looked_up_on_the_hub(tmp_path):
     missing = tmp_path / "nope.jsonl"
     with pytest.raises(DatasetLoadError, match=rf"^No such dataset file: {missing}$"):
