@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top_p", type=float, default=1.0)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--stop", action="append", default=[], help="extra stop string (repeatable); the prompt "
-                   "template's instruction header is always one")
+                   "template's instruction header is one, except under --protocol authors (the release stops at "
+                   "nothing)")
     d = p.add_argument_group("data and output")
     d.add_argument("--data_file", action="append", default=[], metavar="[TASK=]FILE",
                    help="local .jsonl/.json/.parquet/.csv instead of the default data (runs offline); with several "
@@ -195,7 +196,8 @@ def run(args) -> dict:
     summaries = {}
     for task in tasks:
         settings = task.settings
-        stop = tuple(dict.fromkeys([*formatter.stop_strings(), *settings["stop"], *args.stop]))
+        template_stop = formatter.stop_strings() if settings["template_stop"] else []
+        stop = tuple(dict.fromkeys([*template_stop, *settings["stop"], *args.stop]))
         params = GenerationParams(max_new_tokens=args.max_new_tokens or settings["max_new_tokens"],
                                   temperature=args.temperature or 0.0, top_p=args.top_p, stop=stop, seed=args.seed)
         config = _run_config(task, args, formatter, params, settings["prompt_suffix"], identity)

@@ -128,12 +128,12 @@ def test_gsm8k_protocols_case_by_case(generation, gold, default, authors):
 
 def test_gsm8k_authors_protocol_settings_and_scores_on_the_same_generations():
     task = GSM8K(protocol="authors", limit=2)
-    # utils/gen_vllm.py: the training prompt as it is, 1024 tokens, no stop strings
-    assert task.settings == {"max_new_tokens": 1024, "prompt_suffix": "", "stop": ()}
+    # utils/gen_vllm.py: the training prompt as it is, 1024 tokens, no stop strings (not even the template's)
+    assert task.settings == {"max_new_tokens": 1024, "prompt_suffix": "", "stop": (), "template_stop": False}
     # inference/gsm8k_inference.py: the suffix and its four stop strings
     assert GSM8K(protocol="authors_inference").settings == {
         "max_new_tokens": 1024, "prompt_suffix": " Let's think step by step.",
-        "stop": ("Instruction:", "Instruction", "Response:", "Response")}
+        "stop": ("Instruction:", "Instruction", "Response:", "Response"), "template_stop": True}
     assert GSM8K().settings["max_new_tokens"] == 512 and GSM8K().settings["prompt_suffix"] == ""
     samples = task.load()
     gens = [f"... The answer is: {int(samples[0]['gold']) + 0.4}", f"#### {samples[1]['gold']}"]

@@ -208,3 +208,9 @@ def test_authors_protocol_prompts_as_the_authors_scripts(model_dir, tmp_path):
     assert summary["protocol"] == "authors_inference"
     assert set(summary["accuracy_by_protocol"]) == {"authors", "authors_inference", "default"}
     assert "| gsm8k | authors_inference | 1 |" in (out / "gsm8k.md").read_text()
+    # utils/gen_vllm.py: the training prompt as it is, and no stop string, not even the template's next header
+    assert cli.main(["gsm8k", "--model", model_dir, "--protocol", "authors", "--limit", "1", "--max_new_tokens", "4",
+                     "--output_dir", str(tmp_path / "release")]) == 0
+    [record] = lines(tmp_path / "release" / "gsm8k.jsonl")
+    assert record["prompt"] == DEFAULT.render(question)
+    assert json.loads((tmp_path / "release" / "gsm8k.config.json").read_text())["stop"] == []

@@ -46,7 +46,9 @@ class Task:
 
     name: str = ""
     max_new_tokens: int = 512  # default when --max_new_tokens is not given (the protocol's, if it sets one)
-    protocols: dict[str, dict] = {"default": {}, "authors": {}}
+    # ``template_stop``: whether the prompt template's next-instruction header ends an answer. The release's
+    # generation script (utils/gen_vllm.py, the `authors` protocol) stops at nothing: its answers run on.
+    protocols: dict[str, dict] = {"default": {}, "authors": {"template_stop": False}}
     hub_hint: str = ""  # what to pass as --data_file when the Hub is out of reach
 
     def __init__(self, data_file: str | None = None, dataset: str | None = None, limit: int | None = None,
@@ -61,10 +63,11 @@ class Task:
 
     @property
     def settings(self) -> dict:
-        """The generation settings of the protocol: max_new_tokens, prompt_suffix, stop."""
+        """The generation settings of the protocol: max_new_tokens, prompt_suffix, stop, template_stop."""
         spec = self.protocols[self.protocol]
         return {"max_new_tokens": spec.get("max_new_tokens", self.max_new_tokens),
-                "prompt_suffix": spec.get("prompt_suffix", ""), "stop": tuple(spec.get("stop", ()))}
+                "prompt_suffix": spec.get("prompt_suffix", ""), "stop": tuple(spec.get("stop", ())),
+                "template_stop": spec.get("template_stop", True)}
 
     def hub_rows(self, name: str, config: str | None = None, split: str = "test") -> list[dict]:
         return hub_rows(name, config, split, hint=self.hub_hint)

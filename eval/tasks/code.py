@@ -77,7 +77,6 @@ class _CodeTask(Task):
     max_new_tokens = 512
     default_timeout_s = DEFAULT_TIMEOUT_S
     default_memory_mb = 1024
-    protocols = {"default": {}, "authors": {}}
 
     def __init__(self, *args, timeout_s: float | None = None, memory_mb: int | None = None,
                  workers: int | None = None, **kw):

@@ -130,7 +130,7 @@ class GSM8K(Task):
     max_new_tokens = 512
     protocols = {
         "default": dict(max_new_tokens=512),
-        "authors": dict(max_new_tokens=1024),
+        "authors": dict(max_new_tokens=1024, template_stop=False),
         "authors_inference": dict(max_new_tokens=1024, prompt_suffix=" Let's think step by step.",
                                   stop=("Instruction:", "Instruction", "Response:", "Response")),
     }

@@ -185,7 +185,7 @@ class MATH(Task):
     max_new_tokens = 1024
     protocols = {
         "default": dict(max_new_tokens=1024),
-        "authors": dict(max_new_tokens=1024),
+        "authors": dict(max_new_tokens=1024, template_stop=False),
     }
     hub_hint = "a .jsonl with 'problem' and 'solution' or 'answer' fields, e.g. MATH's test split"
 
