@@ -24,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -217,6 +218,13 @@ def train(model_dir: str, arm: Arm, lr: float, seed: int, rows: list[dict], val:
     return metrics
 
 
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``kill <worker>``) into SystemExit, so that ``subprocess.run`` kills the running child
+    (``python -m eval``, ``balora merge``) and ``lab.claims.share`` releases the claim on the way out. Without it the
+    child outlives its worker, the dead worker's claim is handed to another worker, and both write one answer file."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+
+
 def run(cmd: list[str]) -> None:
     log(" ".join(cmd))
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -397,6 +405,7 @@ def gsm8k_accuracy(ctx: Context, model_path: str, cell: Path, n: int, untuned: b
         if not part.exists():
             records = eval_gsm8k(untuned_view(ctx.model_dir, ctx.root) if untuned else model_path,
                                  subset_file(ctx, start, stop), cell / f"gsm8k_{start}-{stop}", d)
+            records = list({r["id"]: r for r in records}.values())  # one per problem, should a file hold repeats
             # cut: the answer used the whole budget (its re-tokenised length reaches the cap, one token of slack)
             _atomic_json(part, {
                 "correct": {str(r["id"]): bool(r["by_protocol"]["authors"]["correct"]) for r in records},
@@ -692,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--full_test", choices=sorted(ARMS), metavar="ARM",
                    help="also score the untuned model and ARM's first seed on all 1,319 GSM8K test problems")
     args = p.parse_args(argv)
+    exit_on_sigterm()
     if args.seeds and any(10 <= s <= 19 for s in args.seeds):
         p.error("seeds 10-19 are reserved for an independent check (README, pre-registration)")
     design = QUICK if args.quick else Design()

@@ -220,3 +220,36 @@ def test_a_second_worker_takes_the_cells_the_first_has_not_claimed(tmp_path, mon
     assert done_here == ["pissa", "ba_anchored"]
     assert all(real_lm.measured(ctx, folder) for _, _, folder in cells)
     assert (tmp_path / "untuned" / "gsm8k_400.json").exists() and not list(tmp_path.glob("*.claim"))
+
+
+def test_a_killed_worker_stops_its_child_process(tmp_path):
+    """`kill <worker>` (SIGTERM) stops the worker's child (`python -m eval`) too: lab.claims hands a dead worker's
+    claim to another worker, and an orphaned child would append to the same answer file beside the new owner."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from lab.claims import alive
+
+    pid_file = tmp_path / "child.pid"
+    child_code = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(99)"
+    module = str(REPO / "benchmarks" / "real_lm.py")
+    worker_code = ("import importlib.util, sys\n"
+                   f"spec = importlib.util.spec_from_file_location('real_lm', {module!r})\n"
+                   "m = importlib.util.module_from_spec(spec); sys.modules['real_lm'] = m; spec.loader.exec_module(m)\n"
+                   f"m.exit_on_sigterm()\nm.run([sys.executable, '-c', {child_code!r}])\n")
+    worker = subprocess.Popen([sys.executable, "-c", worker_code], cwd=REPO)
+    child = 0
+    try:
+        deadline = time.monotonic() + 120
+        while not (pid_file.exists() and pid_file.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        child = int(pid_file.read_text())
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not alive(child)
+    finally:
+        worker.kill()
+        if child and alive(child):
+            os.kill(child, signal.SIGKILL)
