@@ -565,7 +565,7 @@ def _load_files(builder: str, data_files, files: list[str], split: str, **kwargs
     return loaded
 
 
-def _existing_files(data_files) -> list[str]:
+def local_files(data_files) -> list[str]:
     """The local files among ``data_files`` (a path, a list, or a {split: path(s)} dict); a plain path that does not
     exist is an error, a glob pattern or URL is left to `datasets`."""
     values = data_files.values() if isinstance(data_files, dict) else [data_files]
@@ -602,7 +602,7 @@ def load_dataset_any(
         kwargs = {"delimiter": "\t"} if path.lower().endswith(".tsv") else {}
         return _load_files(builder, path, [path], _local_split(split), **kwargs)
     if path is None:  # only data_files
-        files = _existing_files(data_files)
+        files = local_files(data_files)
         entries = data_files if isinstance(data_files, (list, tuple)) else (
             next(iter(data_files.values())) if isinstance(data_files, dict) else [data_files])
         first = entries[0] if isinstance(entries, (list, tuple)) else entries

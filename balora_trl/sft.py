@@ -28,8 +28,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .dataset_formats import (ASSISTANT_TURNS, FORMATS, SAMPLE_PATH, DatasetFormatError, load_dataset_any, locate_row,
-                              supported_formats, to_prompt_completion, tokenize_like_release)
+from .dataset_formats import (ASSISTANT_TURNS, FORMATS, SAMPLE_PATH, DatasetFormatError, load_dataset_any, local_files,
+                              locate_row, supported_formats, to_prompt_completion, tokenize_like_release)
 from .gguf_models import resolve_model
 from .preflight import (USER_ERRORS, PreflightError, check, cuda_available, is_available, parse_init_lora_weights,
                         report_user_error)
@@ -253,11 +253,11 @@ def load_training_data(script_args, training_args):
 
 def _one_local_file(script_args) -> str | None:
     """The local file the training split is read from, when it is exactly one."""
-    files = script_args.data_files if script_args.dataset_name is None else [script_args.dataset_name]
-    files = [files] if isinstance(files, str) else list(files or [])
-    if len(files) == 1 and os.path.isfile(os.path.expanduser(str(files[0]))):
-        return os.path.expanduser(str(files[0]))
-    return None
+    if script_args.dataset_name is not None:
+        path = os.path.expanduser(str(script_args.dataset_name))
+        return path if os.path.isfile(path) else None
+    files = local_files(script_args.data_files)
+    return files[0] if len(files) == 1 else None
 
 
 def fit_data_to_trl(train_dataset, tokenizer, script_args, training_args, model_path: str):

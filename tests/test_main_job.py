@@ -162,6 +162,18 @@ def test_a_bad_row_of_a_random_subset_is_named_by_its_line(tmp_path, capsys, mon
         f"error: {path}, line {bad + 1}: empty completion ('response'). Remove or fix the row.")
 
 
+def test_a_bad_row_given_by_data_files_is_named_by_its_line(tmp_path, capsys, monkeypatch):
+    """The file can come as ``--data_files`` (one file) instead of ``--dataset_name``: the same line is named."""
+    from balora_trl.sft import cli
+
+    monkeypatch.delenv("BALORA_DEBUG", raising=False)
+    path = tmp_path / "data.jsonl"
+    path.write_text(BAD_DATA["no_completion.jsonl"][0])
+    assert cli(["--data_files", str(path), "--output_dir", str(tmp_path / "run"), *TINY]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "error: " + BAD_DATA["no_completion.jsonl"][1].format(path=path))
+
+
 def test_debug_keeps_the_traceback(tmp_path, monkeypatch):
     from balora_trl.dataset_formats import DatasetLoadError
     from balora_trl.sft import cli
