@@ -63,7 +63,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lab import claims  # noqa: E402  (after the path: lab/ is not installed)
+from balora_trl import claims
 
 # name -> (method for init, λ1, λ2, λ3)
 METHOD_TABLE = {
@@ -209,7 +209,7 @@ def save_cached(cache_dir, run: dict) -> None:
 
 
 def _claim_path(cache_dir, name: str, seed: int) -> Path:
-    """The run's claim file (lab.claims): the same command started again on another core works on other runs."""
+    """The run's claim file (balora_trl.claims): the same command started again on another core works on other runs."""
     path = cache_path(cache_dir, name, seed)
     return path.with_name(path.stem + ".claim")
 
@@ -689,7 +689,7 @@ def main(argv=None):
     while phases:
         table = phases.pop(0)
         # seed-major: an interrupted sweep still has every method at the finished seeds; a run another worker has
-        # claimed is left to it and waited for (lab.claims)
+        # claimed is left to it and waited for (balora_trl.claims)
         claims.share([(_claim_path(args.cache_dir, name, seed),
                        lambda seed=seed, name=name, entry=entry: load_cached(
                            args.cache_dir, name, seed, run_settings(common, entry)) is not None,

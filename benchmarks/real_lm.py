@@ -220,7 +220,7 @@ def train(model_dir: str, arm: Arm, lr: float, seed: int, rows: list[dict], val:
 
 def exit_on_sigterm() -> None:
     """Turn SIGTERM (``kill <worker>``) into SystemExit, so that ``subprocess.run`` kills the running child
-    (``python -m eval``, ``balora merge``) and ``lab.claims.share`` releases the claim on the way out. Without it the
+    (``python -m eval``, ``balora merge``) and ``balora_trl.claims.share`` releases the claim on the way out. Without it the
     child outlives its worker, the dead worker's claim is handed to another worker, and both write one answer file."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
@@ -466,9 +466,9 @@ def measured(ctx: Context, folder: Path) -> bool:
 
 
 def shared(ctx: Context, tasks: list[tuple[str, object, object]]) -> None:
-    """Run ``(name, done(), do())`` tasks through claim files in the cache root (lab.claims): the same command
+    """Run ``(name, done(), do())`` tasks through claim files in the cache root (balora_trl.claims): the same command
     started again (``--threads 1`` twice on 2 cores) takes the tasks this one has not claimed."""
-    from lab import claims
+    from balora_trl import claims
 
     claims.share([(ctx.root / f"{name}.claim", done, do) for name, done, do in tasks])
 

@@ -201,10 +201,10 @@ def run(args) -> dict:
         params = GenerationParams(max_new_tokens=args.max_new_tokens or settings["max_new_tokens"],
                                   temperature=args.temperature or 0.0, top_p=args.top_p, stop=stop, seed=args.seed)
         config = _run_config(task, args, formatter, params, settings["prompt_suffix"], identity)
-        store = ResultStore(output_dir, task.name, config, args.overwrite)
-        generator = Generator(backend, formatter, params, prompt_suffix=settings["prompt_suffix"])
-        summary = run_task(task, generator, store, chunk_size=args.chunk_size,
-                           meta=dict(model=args.model, backend=backend_name, prompt_format=formatter.mode))
+        with ResultStore(output_dir, task.name, config, args.overwrite) as store:
+            generator = Generator(backend, formatter, params, prompt_suffix=settings["prompt_suffix"])
+            summary = run_task(task, generator, store, chunk_size=args.chunk_size,
+                               meta=dict(model=args.model, backend=backend_name, prompt_format=formatter.mode))
         summaries[task.name] = summary
         with open(store.table_path) as f:
             print(f.read(), file=sys.stderr)

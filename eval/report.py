@@ -9,6 +9,10 @@ A rerun resumes only what the same model made with the same settings. Other sett
 prompt template, data): refused, since mixing them is a mistake (``--overwrite`` or another ``--output_dir``).
 Another model at the same path (``balora merge --force`` rewrote it), another backend or dtype: the earlier files
 are moved to ``<task>.replaced-<time>/`` and the run starts over, saying why — never reported as resumed.
+
+One run writes a task's files at a time: the store holds ``<task>.claim`` (`balora_trl.claims`: the writer's pid)
+while it is open, and a second run on the same ``--output_dir`` and task stops with one line instead of appending
+its generations between the first one's. A claim whose writer died (killed) is taken over.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ import os
 import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
+
+from balora_trl import claims
 
 IDENTITY = "model_identity"
 
@@ -41,6 +48,8 @@ def _identity_change(old: dict, new: dict) -> str:
 
 
 class ResultStore:
+    """A task's files in ``output_dir``, held by this process until `close` (a context manager)."""
+
     def __init__(self, output_dir: str, task: str, config: dict, overwrite: bool = False, log=None):
         """``config`` holds the run's settings and, under ``model_identity``, what identifies the model."""
         os.makedirs(output_dir, exist_ok=True)
@@ -50,6 +59,27 @@ class ResultStore:
         self.config_path = os.path.join(output_dir, f"{task}.config.json")
         self.summary_path = os.path.join(output_dir, f"{task}_summary.json")
         self.table_path = os.path.join(output_dir, f"{task}.md")
+        self.claim_path = Path(output_dir) / f"{task}.claim"
+        if not claims.claim(self.claim_path):
+            raise ValueError(f"{self.records_path} is being written by another run (pid "
+                             f"{claims.owner_of(self.claim_path)}); wait for it to finish, or use another --output_dir")
+        try:
+            self._open(config, overwrite, log)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        claims.release(self.claim_path)
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _open(self, config: dict, overwrite: bool, log) -> None:
+        task, output_dir = self.task, self.output_dir
         if overwrite:
             for path in (self.records_path, self.config_path, self.summary_path, self.table_path):
                 if os.path.exists(path):

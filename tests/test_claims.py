@@ -1,4 +1,4 @@
-"""lab.claims: how two workers of one benchmark command split its runs (claim files holding the owner's pid)."""
+"""balora_trl.claims: how two workers of one benchmark command split its runs (claim files holding the owner's pid)."""
 
 import os
 import subprocess
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from lab import claims
+from balora_trl import claims
 
 
 def _dead_pid() -> int:

@@ -107,6 +107,31 @@ def test_a_torn_last_line_is_redone(model_dir, tmp_path):
     assert json.loads((out / "gsm8k_summary.json").read_text())["resumed"] == 1
 
 
+def test_a_second_run_on_the_same_output_dir_stops_while_the_first_writes(model_dir, tmp_path, capsys):
+    """Two runs appending to one gsm8k.jsonl would interleave their generations: the second stops with one line
+    naming the writer; once the writer is gone (killed: its claim stays behind) a rerun takes over and resumes."""
+    out = tmp_path / "out"
+    argv = ["gsm8k", "--model", model_dir, "--max_new_tokens", "4", "--output_dir", str(out), "--limit", "2"]
+    assert cli.main([*argv[:-1], "1"]) == 0
+    before = (out / "gsm8k.jsonl").read_text()
+    assert not (out / "gsm8k.claim").exists()  # released when the run ended
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / "gsm8k.claim").write_text(str(writer.pid))  # what a running `balora eval` holds
+        capsys.readouterr()
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1] == (f"error: {out / 'gsm8k.jsonl'} is being written by another run (pid "
+                                        f"{writer.pid}); wait for it to finish, or use another --output_dir")
+        assert (out / "gsm8k.jsonl").read_text() == before
+    finally:
+        writer.kill()
+        writer.wait()
+    assert cli.main(argv) == 0
+    assert len(lines(out / "gsm8k.jsonl")) == 2 and json.loads((out / "gsm8k_summary.json").read_text())["resumed"] == 1
+    assert not (out / "gsm8k.claim").exists()
+
+
 def test_humaneval_through_the_cli(model_dir, tmp_path):
     out = tmp_path / "out"
     cli.main(["humaneval", "--model", model_dir, "--limit", "2", "--max_new_tokens", "8", "--output_dir", str(out),

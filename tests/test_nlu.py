@@ -681,7 +681,7 @@ def test_collecting_features_before_training_leaves_the_run_unchanged(tokenizer,
 
 def test_benchmark_workers_share_the_sweep_through_claims(tmp_path, monkeypatch):
     """The same command started twice splits the runs: a run another live worker has claimed is left to it (this
-    worker waits for it) and the runs this worker did are released after them (the claim files: lab.claims)."""
+    worker waits for it) and the runs this worker did are released after them (the claim files: balora_trl.claims)."""
     bench = load_script(REPO / "benchmarks" / "nlu_sst2.py")
     cache = tmp_path / "r_runs"
     other = bench._claim_path(cache, "PiSSA", 0)
@@ -694,7 +694,7 @@ def test_benchmark_workers_share_the_sweep_through_claims(tmp_path, monkeypatch)
     def wait(seconds):
         raise Waiting
 
-    monkeypatch.setattr(bench.claims.time, "sleep", wait)  # the wait is lab.claims.share's
+    monkeypatch.setattr(bench.claims.time, "sleep", wait)  # the wait is balora_trl.claims.share's
     with pytest.raises(Waiting):
         bench.main(["--methods", "pissa", "lora", "--seeds", "0", "--train_samples", "32", "--eval_samples", "16",
                     "--max_steps", "1", "--features", "hidden", "--out", str(tmp_path / "r")])

@@ -185,11 +185,11 @@ def test_quick_run_end_to_end_on_smollm2(tmp_path):
 
 
 def test_a_second_worker_takes_the_cells_the_first_has_not_claimed(tmp_path, monkeypatch):
-    """`python benchmarks/real_lm.py --threads 1` started twice: each cell is claimed (lab.claims) before it is
+    """`python benchmarks/real_lm.py --threads 1` started twice: each cell is claimed (balora_trl.claims) before it is
     trained and measured; a cell another live worker holds is left to it and waited for, not run twice."""
     import os
 
-    from lab import claims
+    from balora_trl import claims
 
     ctx = real_lm.Context(real_lm.Design(), "", tmp_path, None, [], [], [], [])
     ctx.subset_n = 400
@@ -223,14 +223,14 @@ def test_a_second_worker_takes_the_cells_the_first_has_not_claimed(tmp_path, mon
 
 
 def test_a_killed_worker_stops_its_child_process(tmp_path):
-    """`kill <worker>` (SIGTERM) stops the worker's child (`python -m eval`) too: lab.claims hands a dead worker's
+    """`kill <worker>` (SIGTERM) stops the worker's child (`python -m eval`) too: balora_trl.claims hands a dead worker's
     claim to another worker, and an orphaned child would append to the same answer file beside the new owner."""
     import os
     import signal
     import subprocess
     import time
 
-    from lab.claims import alive
+    from balora_trl.claims import alive
 
     pid_file = tmp_path / "child.pid"
     child_code = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(99)"
