@@ -63,7 +63,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from balora_trl import claims
+from balora_trl import claims  # noqa: E402  (after the offline settings above: it imports transformers)
 
 # name -> (method for init, λ1, λ2, λ3)
 METHOD_TABLE = {

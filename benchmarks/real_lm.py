@@ -220,8 +220,9 @@ def train(model_dir: str, arm: Arm, lr: float, seed: int, rows: list[dict], val:
 
 def exit_on_sigterm() -> None:
     """Turn SIGTERM (``kill <worker>``) into SystemExit, so that ``subprocess.run`` kills the running child
-    (``python -m eval``, ``balora merge``) and ``balora_trl.claims.share`` releases the claim on the way out. Without it the
-    child outlives its worker, the dead worker's claim is handed to another worker, and both write one answer file."""
+    (``python -m eval``, ``balora merge``) and ``balora_trl.claims.share`` releases the claim on the way out. Without
+    it the child outlives its worker, the dead worker's claim is handed to another worker, and both write one answer
+    file (the harness now also refuses a second writer of one output folder)."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
