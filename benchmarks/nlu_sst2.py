@@ -56,14 +56,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from balora_trl import claims
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-
-from balora_trl import claims  # noqa: E402  (after the offline settings above: it imports transformers)
 
 # name -> (method for init, λ1, λ2, λ3)
 METHOD_TABLE = {
