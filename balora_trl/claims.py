@@ -1,4 +1,5 @@
-"""Claims on shared work, so that the same benchmark command started twice (one worker per core) splits its runs.
+"""Claims on shared work: the same benchmark command started twice (one worker per core) splits its runs, and
+``balora eval`` lets one run at a time write a task's files in an output folder.
 
 A claim is a file created exclusively (``O_EXCL``) that holds the owner's pid. A worker skips a run another live
 worker has claimed and comes back to it; a claim whose owner is gone (the worker died) is taken over. File locks
