@@ -209,7 +209,8 @@ def save_cached(cache_dir, run: dict) -> None:
 
 
 def _claim_path(cache_dir, name: str, seed: int) -> Path:
-    """The run's claim file (balora_trl.claims): the same command started again on another core works on other runs."""
+    """The run's claim file (balora_trl.claims): the same command started again on another core works on other
+    runs."""
     path = cache_path(cache_dir, name, seed)
     return path.with_name(path.stem + ".claim")
 

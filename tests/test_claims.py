@@ -1,4 +1,5 @@
-"""balora_trl.claims: how two workers of one benchmark command split its runs (claim files holding the owner's pid)."""
+"""balora_trl.claims: how two workers of one benchmark command split its runs (claim files holding the owner's
+pid)."""
 
 import os
 import subprocess

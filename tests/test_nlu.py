@@ -681,7 +681,8 @@ def test_collecting_features_before_training_leaves_the_run_unchanged(tokenizer,
 
 def test_benchmark_workers_share_the_sweep_through_claims(tmp_path, monkeypatch):
     """The same command started twice splits the runs: a run another live worker has claimed is left to it (this
-    worker waits for it) and the runs this worker did are released after them (the claim files: balora_trl.claims)."""
+    worker waits for it) and the runs this worker did are released after them (the claim files:
+    balora_trl.claims)."""
     bench = load_script(REPO / "benchmarks" / "nlu_sst2.py")
     cache = tmp_path / "r_runs"
     other = bench._claim_path(cache, "PiSSA", 0)

@@ -223,8 +223,9 @@ def test_a_second_worker_takes_the_cells_the_first_has_not_claimed(tmp_path, mon
 
 
 def test_a_killed_worker_stops_its_child_process(tmp_path):
-    """`kill <worker>` (SIGTERM) stops the worker's child (`python -m eval`) too: balora_trl.claims hands a dead worker's
-    claim to another worker, and an orphaned child would append to the same answer file beside the new owner."""
+    """`kill <worker>` (SIGTERM) stops the worker's child (`python -m eval`) too: balora_trl.claims hands a dead
+    worker's claim to another worker, and an orphaned child would append to the same answer file beside the new
+    owner."""
     import os
     import signal
     import subprocess
@@ -233,7 +234,8 @@ def test_a_killed_worker_stops_its_child_process(tmp_path):
     from balora_trl.claims import alive
 
     pid_file = tmp_path / "child.pid"
-    child_code = f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); time.sleep(99)"
+    child_code = (f"import os, pathlib, time; pathlib.Path({str(pid_file)!r}).write_text(str(os.getpid())); "
+                  "time.sleep(99)")
     module = str(REPO / "benchmarks" / "real_lm.py")
     worker_code = ("import importlib.util, sys\n"
                    f"spec = importlib.util.spec_from_file_location('real_lm', {module!r})\n"
