@@ -325,15 +325,16 @@ class MBPPPlus(_CodeTask):
         self._times: dict[str, dict] = {}
 
     def load(self):
-        _, deserialize, _, _ = _evalplus()
         path = self.data_file or str(resources.files("eval") / "data" / MBPP_PLUS_FILE)
         rows = read_rows(path)
-        samples = []
-        for i, r in enumerate(rows):
+        for i, r in enumerate(rows):  # the file's own problems first: they do not depend on EvalPlus being installed
             missing = [k for k in self.FIELDS if k not in r]
             if missing:
                 raise ValueError(f"{path}: row {i + 1} lacks {', '.join(missing)} (EvalPlus's MBPP+ format"
                                  f"{'; for Google MBPP use the task mbpp' if 'test_list' in r else ''}).")
+        _, deserialize, _, _ = _evalplus()
+        samples = []
+        for r in rows:
             task_id = str(r["task_id"])
             samples.append({"id": task_id, "prompt": r["prompt"], "entry_point": r["entry_point"],
                             "canonical_solution": r["canonical_solution"], "atol": r.get("atol") or 0,
